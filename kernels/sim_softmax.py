@@ -163,8 +163,16 @@ def sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: float =
     resolved = _resolve_backend(backend, anchors)
     kwargs = dict(temperature=temperature, weight_gamma=weight_gamma, tau_min=tau_min, tau_max=tau_max,
                   tau_gamma=tau_gamma, positive_index=positive_index, neg_log_scale=neg_log_scale)
-    # STEP 1: every backend routes to the reference until the chunked/Triton paths land.
-    return sim_softmax_lse_ref(anchors, candidates, upcast=False, **kwargs)
+    if resolved == "reference":
+        return sim_softmax_lse_ref(anchors, candidates, upcast=False, **kwargs)
+    if resolved == "chunked":
+        from kernels.chunked import chunked_sim_softmax_lse  # lazy: chunked imports this module
+
+        return chunked_sim_softmax_lse(anchors, candidates, **kwargs)
+    # Triton path lands in STEP 3; until then it routes to the chunked backend.
+    from kernels.chunked import chunked_sim_softmax_lse
+
+    return chunked_sim_softmax_lse(anchors, candidates, **kwargs)
 
 
 @torch.no_grad()
