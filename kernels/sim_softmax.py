@@ -1,4 +1,4 @@
-"""Similarity log-sum-exp over candidates: spec, torch reference and dispatching functional.
+"""Similarity log-sum-exp over candidates: Triton kernels, launchers, autograd.Function, torch reference.
 
 Spec (legend: N anchors/rows, M candidates/columns, D embedding dim; inputs already L2-normalised)::
 
@@ -13,16 +13,36 @@ Weights and temperatures are computed from the stop-gradient similarity ``sg(s_i
 
 The positive column j = p(i) (``positive_index``, default arange(N)) always has weight 1 and temperature
 ``temperature``. ``neg_log_scale`` (N,) is added to log w_ij of every negative column of row i. Both are
-constants for autograd; gradients flow through s_ij only (d(s/tau)/ds = 1/tau).
-At s_ij = 1 and weight_gamma > 0, log w_ij = -inf: the term vanishes (zero probability, zero gradient).
+constants for autograd; gradients flow through s_ij only (d(s/tau)/ds = 1/tau):
 
-Returned lse is float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs; input gradients have the
-input dtype.
+    d lse_i / d s_ij = p_ij / tau_ij,   p_ij = w_ij exp(s_ij / tau_ij - lse_i)
+    da_i = sum_j g_i p_ij / tau_ij c_j,  dc_j = sum_i g_i p_ij / tau_ij a_i       (g = upstream grad)
+
+At s_ij = 1 and weight_gamma > 0, log w_ij = -inf: the term vanishes (zero probability, zero gradient).
+lse is float32 for fp16/bf16/fp32 inputs (float64 for float64 inputs on the torch backends); input
+gradients have the input dtype.
+
+Backends: "triton" (this file), "chunked" (``kernels/chunked.py``, pure torch over column blocks),
+"reference" (dense N x M torch, ``upcast=True`` for float64; tests and benchmarks use it).
+
+Triton numerics and layout (flash-attention style, nothing of size N x M ever reaches memory):
+- forward: a program owns BLOCK_N rows and one split of the columns; per BLOCK_M column tile it computes
+  s with ``tl.dot`` over D in BLOCK_D chunks (fp32 accumulation; bf16/fp16 tensor cores, IEEE fp32 for fp32
+  inputs unless TF32 is allowed), derives w and tau in-kernel, and keeps a running max and sum in base 2
+  (log2(e) folded into the 1/tau scale, ``exp2``). Column splits (so that small N still fills the GPU)
+  write partial lse (splits x N); torch merges them. Saved for backward: lse (N,).
+- backward "fused" (D <= 256): deterministic two kernels recompute tiles; da over row blocks, dc over
+  column blocks, each holding a [block, BLOCK_DO] fp32 accumulator (D is split in BLOCK_DO chunks).
+- backward "stripe" (D > 256 on GPU, where a full-D accumulator does not fit in registers): a kernel writes
+  G = g p / tau for a stripe of rows (then of columns, transposed) into a bounded workspace and cuBLAS
+  multiplies it by C (resp. A); workspace bytes are capped (``workspace_bytes``), not O(N M).
+- pointer offsets are int64 (row * stride may exceed 2^31). Under TRITON_INTERPRET=1 the launcher picks small
+  fixed blocks (no autotune) and tiles are cast to fp32 before ``tl.dot`` (bf16 dot is broken there).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import os
 
 import torch
@@ -32,8 +52,8 @@ BACKENDS = ("auto", "triton", "chunked", "reference")
 
 
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (does not import it)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the ``triton`` package imported (the Triton backend exists)."""
+    return _HAS_TRITON
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,18 +156,419 @@ def sim_softmax_lse_ref(anchors: Tensor, candidates: Tensor, *, temperature: flo
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Triton kernels (defined only when triton imports; TRITON_INTERPRET is read when they are decorated)
+# ----------------------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = tl = None
+    _HAS_TRITON = False
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _dot_acc(x, y, acc, IEEE_FP32: tl.constexpr):
+        if IEEE_FP32:  # exact fp32 products (no TF32), for fp32 parity with the reference
+            return tl.dot(x, y, acc, input_precision="ieee")
+        return tl.dot(x, y, acc)  # bf16/fp16 tensor cores (or TF32), fp32 accumulation
+
+    @triton.jit
+    def _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                  IEEE_FP32: tl.constexpr):
+        """s = A[rows] @ C[cols]^T as a [BLOCK_N, BLOCK_M] fp32 tile, looping D in BLOCK_D chunks.
+
+        a_row_ptrs: [BLOCK_N, 1] row starts; c_col_ptrs: [1, BLOCK_M] column starts (stride 1 along D).
+        """
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        offs_d = tl.arange(0, BLOCK_D)
+        for k in range(0, D, BLOCK_D):
+            if EVEN_D:
+                a = tl.load(a_row_ptrs + (k + offs_d)[None, :], mask=mask_n[:, None], other=0.0)
+                c = tl.load(c_col_ptrs + (k + offs_d)[:, None], mask=mask_m[None, :], other=0.0)
+            else:
+                mask_d = (k + offs_d) < D
+                a = tl.load(a_row_ptrs + (k + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                            other=0.0)
+                c = tl.load(c_col_ptrs + (k + offs_d)[:, None], mask=mask_d[:, None] & mask_m[None, :],
+                            other=0.0)
+            if DOT_FP32:  # interpreter (bf16 tl.dot is broken there) and fp32 inputs
+                a = a.to(tl.float32)
+                c = c.to(tl.float32)
+            acc = _dot_acc(a, c, acc, IEEE_FP32)
+        return acc
+
+    @triton.jit
+    def _logits_tile(s, offs_m, col_end, pos, nls2, inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
+                     HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr):
+        """Base-2 logits x2 = log2(w) + s / tau * log2(e) of a tile, and 1/tau (scalar without a tau family).
+
+        w and tau come from the stop-gradient s clamped to [-1, 1]; the positive column (offs_m == pos) gets
+        w = 1, tau = temperature; columns >= col_end get x2 = -inf.
+        """
+        is_pos = pos[:, None] == offs_m[None, :]
+        sc = tl.minimum(tl.maximum(s, -1.0), 1.0)
+        if HAS_TAU:
+            # ((1 + s)/2)^gamma = exp2(gamma * log2((1 + s)/2)); 0 at s = -1 (gamma > 0)
+            tau = tau_min + tau_delta * tl.exp2(tau_gamma * tl.log2((1.0 + sc) * 0.5))
+            inv_tau = tl.where(is_pos, inv_temp, 1.0 / tau)
+        else:
+            inv_tau = inv_temp
+        x2 = s * (inv_tau * 1.4426950408889634)  # log2(e) folded into the scale
+        if HAS_WEIGHT:
+            # log2 w = gamma * log2((1 - s)/2) = -inf at s = 1: exp2(-inf) = 0, the term vanishes
+            log2_w = weight_gamma * tl.log2((1.0 - sc) * 0.5)
+            if HAS_NLS:
+                log2_w += nls2[:, None]
+            x2 += tl.where(is_pos, 0.0, log2_w)
+        elif HAS_NLS:
+            x2 += tl.where(is_pos, 0.0, nls2[:, None])
+        x2 = tl.where(offs_m[None, :] < col_end, x2, float("-inf"))
+        return x2, inv_tau
+
+    @triton.jit
+    def _fwd_kernel(A, C, POS, NLS, LSE_PART, N, M, D, stride_a, stride_c, cols_per_split,
+                    inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
+                    HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_FP32: tl.constexpr):
+        """One program: BLOCK_N rows x the columns of split pid(1); writes that split's partial lse."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
+        nls2 = tl.load(NLS + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634 if HAS_NLS else 0.0
+        a_row_ptrs = A + offs_n.to(tl.int64)[:, None] * stride_a  # int64: N * D may exceed 2^31
+        col_start = pid_s * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, M)
+        m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max (base 2)
+        l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of exp2(x2 - m_i), fp32
+        for start_m in range(col_start, col_end, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < col_end
+            c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
+            s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
+                          DOT_FP32, IEEE_FP32)
+            x2, inv_tau = _logits_tile(s, offs_m, col_end, pos, nls2, inv_temp, weight_gamma, tau_min,
+                                       tau_delta, tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
+            m_new = tl.maximum(m_i, tl.max(x2, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x2 - m_safe[:, None]), 1)
+            m_i = m_new
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        lse = (m_safe + tl.log2(l_i)) * 0.6931471805599453  # back to natural log; l_i = 0 -> -inf
+        tl.store(LSE_PART + pid_s * N + offs_n, lse, mask=mask_n)
+
+    @triton.jit
+    def _grad_tile(s, offs_m, col_end, pos, nls2, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
+                   tau_gamma, HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr):
+        """G = g_i * p_ij / tau_ij with p_ij = exp2(x2_ij - lse2_i): d(sum_i g_i lse_i) / d s_ij."""
+        x2, inv_tau = _logits_tile(s, offs_m, col_end, pos, nls2, inv_temp, weight_gamma, tau_min,
+                                   tau_delta, tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
+        return tl.exp2(x2 - lse2[:, None]) * (inv_tau * g[:, None])
+
+    @triton.jit
+    def _bwd_da_kernel(A, C, POS, NLS, LSE, GRAD, DA, N, M, D, stride_a, stride_c, stride_da,
+                       inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
+                       HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DO: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                       IEEE_FP32: tl.constexpr):
+        """da[rows, d-chunk] = sum_j G_ij c_j[d-chunk]; one program per (row block, D-output chunk)."""
+        pid_n = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        mask_do = offs_do < D
+        pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
+        nls2 = tl.load(NLS + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634 if HAS_NLS else 0.0
+        lse2 = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
+        g = tl.load(GRAD + offs_n, mask=mask_n, other=0.0)
+        a_row_ptrs = A + offs_n.to(tl.int64)[:, None] * stride_a
+        acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
+        for start_m in range(0, M, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
+            s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
+                          DOT_FP32, IEEE_FP32)
+            grad_s = _grad_tile(s, offs_m, M, pos, nls2, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
+                                tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
+            c_out = tl.load(C + offs_m.to(tl.int64)[:, None] * stride_c + offs_do[None, :],
+                            mask=mask_m[:, None] & mask_do[None, :], other=0.0)
+            if DOT_FP32:
+                acc = _dot_acc(grad_s, c_out.to(tl.float32), acc, IEEE_FP32)
+            else:
+                acc = tl.dot(grad_s.to(c_out.dtype), c_out, acc)
+        tl.store(DA + offs_n.to(tl.int64)[:, None] * stride_da + offs_do[None, :],
+                 acc.to(DA.dtype.element_ty), mask=mask_n[:, None] & mask_do[None, :])
+
+    @triton.jit
+    def _bwd_dc_kernel(A, C, POS, NLS, LSE, GRAD, DC, N, M, D, stride_a, stride_c, stride_dc,
+                       inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
+                       HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DO: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                       IEEE_FP32: tl.constexpr):
+        """dc[cols, d-chunk] = sum_i G_ij a_i[d-chunk]; one program per (column block, D-output chunk)."""
+        pid_m = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        mask_do = offs_do < D
+        c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
+        acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
+            nls2 = tl.load(NLS + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634 if HAS_NLS else 0.0
+            lse2 = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
+            g = tl.load(GRAD + offs_n, mask=mask_n, other=0.0)  # masked rows: g = 0 -> no contribution
+            a_row_ptrs = A + offs_n.to(tl.int64)[:, None] * stride_a
+            s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
+                          DOT_FP32, IEEE_FP32)
+            grad_s = _grad_tile(s, offs_m, M, pos, nls2, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
+                                tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
+            a_out = tl.load(a_row_ptrs + offs_do[None, :], mask=mask_n[:, None] & mask_do[None, :], other=0.0)
+            if DOT_FP32:
+                acc = _dot_acc(tl.trans(grad_s), a_out.to(tl.float32), acc, IEEE_FP32)
+            else:
+                acc = tl.dot(tl.trans(grad_s.to(a_out.dtype)), a_out, acc)
+        tl.store(DC + offs_m.to(tl.int64)[:, None] * stride_dc + offs_do[None, :],
+                 acc.to(DC.dtype.element_ty), mask=mask_m[:, None] & mask_do[None, :])
+
+    @triton.jit
+    def _bwd_grad_kernel(A, C, POS, NLS, LSE, GRAD, G, N, M, D, stride_a, stride_c, stride_gn, stride_gm,
+                         row0, col0, inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
+                         HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                         EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_FP32: tl.constexpr):
+        """Stripe mode: write G for rows [row0, N) x cols [col0, M) tiles into the workspace
+        G[(i - row0) * stride_gn + (j - col0) * stride_gm] (stride_gn = 1 writes the transposed stripe)."""
+        offs_n = row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = col0 + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
+        nls2 = tl.load(NLS + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634 if HAS_NLS else 0.0
+        lse2 = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
+        g = tl.load(GRAD + offs_n, mask=mask_n, other=0.0)
+        a_row_ptrs = A + offs_n.to(tl.int64)[:, None] * stride_a
+        c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
+        s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
+                      DOT_FP32, IEEE_FP32)
+        grad_s = _grad_tile(s, offs_m, M, pos, nls2, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
+                            tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
+        g_ptrs = (G + (offs_n - row0).to(tl.int64)[:, None] * stride_gn
+                  + (offs_m - col0).to(tl.int64)[None, :] * stride_gm)
+        tl.store(g_ptrs, grad_s.to(G.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def default_triton_config(anchors: Tensor, candidates: Tensor) -> dict:
+    """Block sizes / warps / stages chosen in the launcher (no autotune: it breaks the interpreter).
+
+    Keys: fwd_*, grad_* (stripe-mode G tiles), bwd_* (fused da/dc kernels), splits (None = pick from the
+    SM count), bwd_mode ("fused" | "stripe"), workspace_bytes (stripe-mode G buffer cap).
+    """
+    dim = anchors.shape[1]
+    if _interpreting() or not anchors.is_cuda:
+        # small tiles: odd test shapes cross several blocks; D chunks of 16 exercise the D loop and masks
+        return dict(fwd_block_n=16, fwd_block_m=16, fwd_block_d=16, fwd_warps=1, fwd_stages=1,
+                    grad_block_n=16, grad_block_m=16, grad_block_d=16, grad_warps=1, grad_stages=1,
+                    bwd_block_n=16, bwd_block_m=16, bwd_block_d=16, bwd_block_do=16, bwd_warps=1, bwd_stages=1,
+                    splits=1, bwd_mode="fused", workspace_bytes=1 << 28)
+    if anchors.dtype == torch.float32:
+        cfg = dict(fwd_block_n=64, fwd_block_m=64, fwd_block_d=32, fwd_warps=4, fwd_stages=2,
+                   grad_block_n=64, grad_block_m=64, grad_block_d=32, grad_warps=4, grad_stages=2,
+                   bwd_block_n=64, bwd_block_m=64, bwd_block_d=32, bwd_warps=4, bwd_stages=2)
+    else:
+        cfg = dict(fwd_block_n=128, fwd_block_m=128, fwd_block_d=64, fwd_warps=8, fwd_stages=3,
+                   grad_block_n=128, grad_block_m=128, grad_block_d=64, grad_warps=8, grad_stages=3,
+                   bwd_block_n=64, bwd_block_m=64, bwd_block_d=64, bwd_warps=4, bwd_stages=2)
+    # fused backward keeps a [64, BLOCK_DO] fp32 accumulator; D above 256 is cheaper as stripes + cuBLAS
+    cfg["bwd_block_do"] = min(max(_next_pow2(dim), 16), 128 if anchors.dtype == torch.float32 else 256)
+    if cfg["bwd_block_do"] >= 128:
+        cfg["bwd_warps"] = 8
+    cfg.update(splits=None, bwd_mode="stripe" if dim > 256 else "fused", workspace_bytes=1 << 28)
+    return cfg
+
+
+def _hyper_args(hp):
+    temperature, weight_gamma, tau_min, tau_max, tau_gamma = hp
+    has_tau = tau_min is not None
+    args = (1.0 / temperature, weight_gamma, tau_min if has_tau else 0.0,
+            (tau_max - tau_min) if has_tau else 0.0, tau_gamma)
+    flags = dict(HAS_WEIGHT=weight_gamma > 0, HAS_TAU=has_tau)
+    return args, flags
+
+
+def _dot_flags(a: Tensor) -> dict:
+    dot_fp32 = _interpreting() or a.dtype == torch.float32
+    ieee = dot_fp32 and not (a.is_cuda and not _interpreting() and torch.backends.cuda.matmul.allow_tf32)
+    return dict(DOT_FP32=dot_fp32, IEEE_FP32=ieee)
+
+
+def _triton_forward(a_ND, c_MD, pos_N, nls_N, hp, cfg) -> Tensor:
+    n_rows, dim = a_ND.shape
+    n_cols = c_MD.shape[0]
+    block_n, block_m, block_d = cfg["fwd_block_n"], cfg["fwd_block_m"], cfg["fwd_block_d"]
+    row_blocks = triton.cdiv(n_rows, block_n)
+    splits = cfg["splits"]
+    if splits is None:  # split columns so that ~2 waves of programs cover the GPU (small N otherwise idles)
+        n_sm = torch.cuda.get_device_properties(a_ND.device).multi_processor_count
+        splits = max(1, min(triton.cdiv(2 * n_sm, row_blocks), triton.cdiv(n_cols, 4 * block_m)))
+    cols_per_split = triton.cdiv(triton.cdiv(n_cols, splits), block_m) * block_m
+    splits = triton.cdiv(n_cols, cols_per_split)
+    lse_part = torch.empty((splits, n_rows), dtype=torch.float32, device=a_ND.device)
+    hyper, flags = _hyper_args(hp)
+    _fwd_kernel[(row_blocks, splits)](
+        a_ND, c_MD, pos_N, nls_N if nls_N is not None else lse_part, lse_part, n_rows, n_cols, dim,
+        a_ND.stride(0), c_MD.stride(0), cols_per_split, *hyper, HAS_NLS=nls_N is not None, **flags,
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=dim % block_d == 0, **_dot_flags(a_ND),
+        num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+    # merge the column splits' partial lse (tiny: splits x N); exact for -inf partials
+    return lse_part[0] if splits == 1 else torch.logsumexp(lse_part, dim=0)
+
+
+def _triton_backward(a_ND, c_MD, pos_N, nls_N, lse_N, grad_N, hp, cfg, need_da, need_dc):
+    n_rows, dim = a_ND.shape
+    n_cols = c_MD.shape[0]
+    hyper, flags = _hyper_args(hp)
+    common = dict(HAS_NLS=nls_N is not None, **flags, **_dot_flags(a_ND))
+    nls_arg = nls_N if nls_N is not None else lse_N
+    da = torch.empty_like(a_ND) if need_da else None
+    dc = torch.empty_like(c_MD) if need_dc else None
+    if cfg["bwd_mode"] == "fused":
+        # recompute tiles; deterministic: da over row blocks, dc over column blocks, no atomics
+        block_n, block_m, block_d, block_do = (cfg["bwd_block_n"], cfg["bwd_block_m"], cfg["bwd_block_d"],
+                                               cfg["bwd_block_do"])
+        launch = dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_DO=block_do,
+                      EVEN_D=dim % block_d == 0, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
+                      **common)
+        if need_da:
+            _bwd_da_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(dim, block_do))](
+                a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, da, n_rows, n_cols, dim, a_ND.stride(0),
+                c_MD.stride(0), da.stride(0), *hyper, **launch)
+        if need_dc:
+            _bwd_dc_kernel[(triton.cdiv(n_cols, block_m), triton.cdiv(dim, block_do))](
+                a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, dc, n_rows, n_cols, dim, a_ND.stride(0),
+                c_MD.stride(0), dc.stride(0), *hyper, **launch)
+        return da, dc
+    if cfg["bwd_mode"] != "stripe":
+        raise ValueError(f"unknown bwd_mode {cfg['bwd_mode']!r}; expected 'fused' or 'stripe'")
+    # stripe mode (large D): a Triton kernel writes G = g p / tau for a stripe of rows (or columns) into a
+    # bounded workspace, cuBLAS multiplies it out. Two passes so each GEMM is complete (no cross-stripe
+    # accumulation in low precision); memory O(workspace + (N + M) D).
+    block_n, block_m, block_d = cfg["grad_block_n"], cfg["grad_block_m"], cfg["grad_block_d"]
+    launch = dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
+                  num_warps=cfg["grad_warps"], num_stages=cfg["grad_stages"], **common)
+    budget = max(cfg["workspace_bytes"] // a_ND.element_size(), 1)
+    rows_per = min(n_rows, max(block_n, budget // n_cols // block_n * block_n)) if need_da else 0
+    cols_per = min(n_cols, max(block_m, budget // n_rows // block_m * block_m)) if need_dc else 0
+    workspace = torch.empty(max(rows_per * n_cols, cols_per * n_rows), dtype=a_ND.dtype, device=a_ND.device)
+    if need_da:
+        for row0 in range(0, n_rows, rows_per):
+            rows = min(rows_per, n_rows - row0)
+            g_RM = workspace[:rows * n_cols].view(rows, n_cols)
+            _bwd_grad_kernel[(triton.cdiv(rows, block_n), triton.cdiv(n_cols, block_m))](
+                a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, g_RM, row0 + rows, n_cols, dim, a_ND.stride(0),
+                c_MD.stride(0), n_cols, 1, row0, 0, *hyper, **launch)
+            torch.mm(g_RM, c_MD, out=da[row0:row0 + rows])
+    if need_dc:
+        for col0 in range(0, n_cols, cols_per):
+            cols = min(cols_per, n_cols - col0)
+            g_QN = workspace[:cols * n_rows].view(cols, n_rows)  # G^T stripe: written transposed
+            _bwd_grad_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(cols, block_m))](
+                a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, g_QN, n_rows, col0 + cols, dim, a_ND.stride(0),
+                c_MD.stride(0), 1, n_rows, 0, col0, *hyper, **launch)
+            torch.mm(g_QN, a_ND, out=dc[col0:col0 + cols])
+    return da, dc
+
+
+class _TritonSimSoftmaxLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchors, candidates, pos_N, nls_N, hp, cfg):
+        a_ND = anchors.detach().contiguous()
+        c_MD = candidates.detach().contiguous()
+        with torch.cuda.device(a_ND.device) if a_ND.is_cuda else contextlib.nullcontext():
+            lse_N = _triton_forward(a_ND, c_MD, pos_N, nls_N, hp, cfg)
+        ctx.save_for_backward(a_ND, c_MD, pos_N, nls_N, lse_N)
+        ctx.hp, ctx.cfg = hp, cfg
+        return lse_N
+
+    @staticmethod
+    def backward(ctx, grad_lse_N):
+        a_ND, c_MD, pos_N, nls_N, lse_N = ctx.saved_tensors
+        need_da, need_dc = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_da or need_dc):
+            return None, None, None, None, None, None
+        grad_N = grad_lse_N.detach().to(torch.float32).contiguous()
+        with torch.cuda.device(a_ND.device) if a_ND.is_cuda else contextlib.nullcontext():
+            da, dc = _triton_backward(a_ND, c_MD, pos_N, nls_N, lse_N, grad_N, ctx.hp, ctx.cfg, need_da,
+                                      need_dc)
+        return da, dc, None, None, None, None
+
+
+def triton_sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.05,
+                           weight_gamma: float = 0.0, tau_min: float | None = None,
+                           tau_max: float | None = None, tau_gamma: float = 1.0,
+                           positive_index: Tensor | None = None, neg_log_scale: Tensor | None = None,
+                           config: dict | None = None) -> Tensor:
+    """Triton ``sim_softmax_lse`` (float32 (N,) lse). ``config`` overrides ``default_triton_config`` keys."""
+    if not _HAS_TRITON:
+        raise ValueError("backend='triton' requested but triton is not installed")
+    if not anchors.is_cuda and not _interpreting():
+        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                         "imported")
+    pos_N, nls_N = _check_inputs(
+        anchors, candidates, temperature=temperature, weight_gamma=weight_gamma, tau_min=tau_min,
+        tau_max=tau_max, tau_gamma=tau_gamma, positive_index=positive_index, neg_log_scale=neg_log_scale)
+    if anchors.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"backend='triton' supports float32/float16/bfloat16, got {anchors.dtype}")
+    cfg = default_triton_config(anchors, candidates)
+    if config:
+        unknown = set(config) - set(cfg)
+        if unknown:
+            raise ValueError(f"unknown triton config keys {sorted(unknown)}")
+        cfg.update(config)
+    hp = (float(temperature), float(weight_gamma), None if tau_min is None else float(tau_min),
+          None if tau_max is None else float(tau_max), float(tau_gamma))
+    pos_N = pos_N.to(torch.int32).contiguous()  # M < 2^31 columns
+    if nls_N is not None:
+        nls_N = nls_N.contiguous()
+    return _TritonSimSoftmaxLSE.apply(anchors, candidates, pos_N, nls_N, hp, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Public functional
 # ----------------------------------------------------------------------------------------------------------
 def _resolve_backend(backend: str, anchors: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if anchors.is_cuda and triton_available() else "chunked"
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' requested but triton is not installed")
-        if not anchors.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import")
+        on_gpu = isinstance(anchors, Tensor) and anchors.is_cuda and anchors.dtype != torch.float64
+        return "triton" if on_gpu and _HAS_TRITON else "chunked"
     return backend
 
 
@@ -165,12 +586,9 @@ def sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: float =
                   tau_gamma=tau_gamma, positive_index=positive_index, neg_log_scale=neg_log_scale)
     if resolved == "reference":
         return sim_softmax_lse_ref(anchors, candidates, upcast=False, **kwargs)
-    if resolved == "chunked":
-        from kernels.chunked import chunked_sim_softmax_lse  # lazy: chunked imports this module
-
-        return chunked_sim_softmax_lse(anchors, candidates, **kwargs)
-    # Triton path lands in STEP 3; until then it routes to the chunked backend.
-    from kernels.chunked import chunked_sim_softmax_lse
+    if resolved == "triton":
+        return triton_sim_softmax_lse(anchors, candidates, **kwargs)
+    from kernels.chunked import chunked_sim_softmax_lse  # lazy: chunked imports this module
 
     return chunked_sim_softmax_lse(anchors, candidates, **kwargs)
 
