@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.sim_softmax import _check_inputs, _log_weight_and_inv_tau
+from kernels.sim_softmax import _check_inputs
 
-# A tile holds at most this many elements by default (4 MiB per fp32 temporary).
-_TILE_ELEMENTS = 1 << 20
+# A tile holds at most this many elements by default (2 MiB per fp32 temporary).
+_TILE_ELEMENTS = 1 << 19
 
 
 def default_block_size(num_rows: int, num_cols: int) -> int:
@@ -28,26 +28,36 @@ def default_block_size(num_rows: int, num_cols: int) -> int:
 
 
 def _tile_logits(a_ND, c_BD, start, pos_idx_N, nls_N, hp):
-    """Return (logits_NB, inv_tau_NB or scalar) for columns [start, start + B)."""
+    """Return (logits_NB, 1/tau as an N x B tile or a scalar) for columns [start, start + B).
+
+    In-place arithmetic keeps about three N x B tiles alive (sim/logits, weights, 1/tau).
+    """
     temperature, weight_gamma, tau_min, tau_max, tau_gamma = hp
-    sim_NB = a_ND @ c_BD.T
+    logits_NB = a_ND @ c_BD.T
     cols_B = torch.arange(start, start + c_BD.shape[0], device=a_ND.device)
     is_pos_NB = pos_idx_N[:, None] == cols_B[None, :]
-    if weight_gamma == 0 and tau_min is None:
-        # plain InfoNCE columns: one temperature, weights 1 except the optional per-row negative scale
-        logits_NB = sim_NB * (1.0 / temperature)
-        if nls_N is not None:
-            logits_NB = logits_NB + torch.where(is_pos_NB, 0.0, nls_N[:, None])
-        return logits_NB, 1.0 / temperature
-    log_w_NB, inv_tau_NB = _log_weight_and_inv_tau(
-        sim_NB, temperature=temperature, weight_gamma=weight_gamma, tau_min=tau_min, tau_max=tau_max,
-        tau_gamma=tau_gamma)
+    inv_tau = 1.0 / temperature
+    if tau_min is not None or weight_gamma > 0:
+        sg_NB = logits_NB.clamp(-1.0, 1.0)  # stop-gradient s (no autograd here) clamped for w and tau
+        if tau_min is not None:
+            inv_tau = (sg_NB + 1.0).mul_(0.5).pow_(tau_gamma).mul_(tau_max - tau_min).add_(tau_min)
+            inv_tau = inv_tau.reciprocal_().masked_fill_(is_pos_NB, 1.0 / temperature)
+        log_w_NB = None
+        if weight_gamma > 0:
+            # (1 - s)/2 = 0 at s = 1 -> log 0 = -inf: exp gives 0, the term vanishes
+            log_w_NB = sg_NB.neg_().add_(1.0).mul_(0.5).log_().mul_(weight_gamma)
+        del sg_NB
+    else:
+        log_w_NB = None
+    logits_NB.mul_(inv_tau)
     if nls_N is not None:
-        log_w_NB = log_w_NB + nls_N[:, None]
-    # the positive column: weight 1, base temperature
-    log_w_NB = torch.where(is_pos_NB, 0.0, log_w_NB)
-    inv_tau_NB = torch.where(is_pos_NB, 1.0 / temperature, inv_tau_NB)
-    return sim_NB * inv_tau_NB + log_w_NB, inv_tau_NB
+        log_w_NB = nls_N[:, None].expand_as(logits_NB) if log_w_NB is None else log_w_NB.add_(nls_N[:, None])
+        log_w_NB = log_w_NB.masked_fill(is_pos_NB, 0.0)  # positive column: weight 1
+    elif log_w_NB is not None:
+        log_w_NB.masked_fill_(is_pos_NB, 0.0)
+    if log_w_NB is not None:
+        logits_NB.add_(log_w_NB)
+    return logits_NB, inv_tau
 
 
 class _ChunkedSimSoftmaxLSE(torch.autograd.Function):
@@ -82,7 +92,7 @@ class _ChunkedSimSoftmaxLSE(torch.autograd.Function):
             c_BD = candidates[start:start + ctx.block_size].to(compute_dtype)
             logits_NB, inv_tau = _tile_logits(a_ND, c_BD, start, pos_idx_N, nls_N, ctx.hp)
             # G_ij = g_i * p_ij / tau_ij; exp(-inf) = 0 for vanished (zero-weight) terms
-            g_NB = torch.exp(logits_NB - lse_N[:, None]).mul_(grad_N1).mul_(inv_tau)
+            g_NB = logits_NB.sub_(lse_N[:, None]).exp_().mul_(grad_N1).mul_(inv_tau)
             if need_da:
                 da_ND.addmm_(g_NB, c_BD)
             if need_dc:

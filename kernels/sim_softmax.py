@@ -110,7 +110,8 @@ def _check_inputs(anchors, candidates, *, temperature, weight_gamma, tau_min, ta
     if neg_log_scale is not None:
         if not isinstance(neg_log_scale, Tensor) or neg_log_scale.shape != (n_rows,):
             raise ValueError(f"neg_log_scale must be a tensor of shape (N,)=({n_rows},)")
-        neg_log_scale = neg_log_scale.detach().to(device=anchors.device, dtype=torch.float32)
+        neg_log_scale = neg_log_scale.detach().to(device=anchors.device,
+                                                  dtype=torch.promote_types(anchors.dtype, torch.float32))
     return positive_index, neg_log_scale
 
 
@@ -556,7 +557,7 @@ def triton_sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: 
           None if tau_max is None else float(tau_max), float(tau_gamma))
     pos_N = pos_N.to(torch.int32).contiguous()  # M < 2^31 columns
     if nls_N is not None:
-        nls_N = nls_N.contiguous()
+        nls_N = nls_N.to(torch.float32).contiguous()
     return _TritonSimSoftmaxLSE.apply(anchors, candidates, pos_N, nls_N, hp, cfg)
 
 

@@ -1,0 +1,178 @@
+"""The Triton backend against the independent float64 formula.
+
+Where the tests run:
+- CUDA available: compiled kernels on the GPU (fp32 tight, bf16/fp16 by flash-attention's rule).
+- TRITON_INTERPRET=1 in the environment: the interpreter on CPU tensors (shapes <= 64).
+- otherwise (plain CPU CI): ``test_interpreter_suite`` re-runs this file in a subprocess with
+  TRITON_INTERPRET=1, because the variable must be set before the kernels are decorated (i.e. before
+  ``kernels`` is first imported, which another test module may already have done in this process).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels.sim_softmax import triton_sim_softmax_lse  # noqa: E402
+from tests.test_kernels_helpers import (  # noqa: E402
+    CASES,
+    assert_close_scaled,
+    case_kwargs,
+    dense_lse_fp64,
+    lse_and_grads,
+    make_inputs,
+)
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+ON_CUDA = torch.cuda.is_available() and not INTERPRETING
+DEVICE = "cuda" if ON_CUDA else "cpu"
+RUN_HERE = INTERPRETING or ON_CUDA
+needs_kernels = pytest.mark.skipif(not RUN_HERE, reason="runs compiled on CUDA or under TRITON_INTERPRET=1 "
+                                                       "(test_interpreter_suite re-runs this file that way)")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# odd, non-power-of-2 shapes; the interpreter is slow, so it only gets the small one
+SHAPES = [(37, 53, 24)] + ([(130, 300, 72), (257, 700, 384)] if ON_CUDA else [])
+BWD_MODES = ["fused", "stripe"]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32_and_quiet():
+    """fp32 parity needs TF32 off; the interpreter warns about log2(0) = -inf, which is intended."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="divide by zero encountered in log2")
+        yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _config(bwd_mode, splits):
+    cfg = dict(bwd_mode=bwd_mode)
+    if splits is not None:
+        cfg["splits"] = splits
+    if bwd_mode == "stripe":
+        cfg["workspace_bytes"] = 64 * 1024  # force several stripes at test sizes
+    return cfg
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("bwd_mode,splits", [("fused", 1), ("stripe", 3)])
+def test_triton_fp32_matches_dense_fp64(case, shape, bwd_mode, splits):
+    n, m, d = shape
+    a, c = make_inputs(n, m, d, device=DEVICE)
+    kwargs = case_kwargs(case, n, m, device=DEVICE)
+    grad = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    want = lse_and_grads(dense_lse_fp64, a, c, grad, torch.float64, **kwargs)
+    got = lse_and_grads(triton_sim_softmax_lse, a, c, grad, torch.float32, config=_config(bwd_mode, splits),
+                        **kwargs)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    for name, x, y in zip(("lse", "da", "dc"), got, want):
+        assert_close_scaled(x, y, rtol=1e-5, atol=1e-5, name=name)
+
+
+@needs_kernels
+@pytest.mark.skipif(not ON_CUDA, reason="automatic splits and mode use the GPU's SM count")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_default_config_via_functional(shape):
+    n, m, d = shape
+    a, c = make_inputs(n, m, d, device=DEVICE)
+    kwargs = case_kwargs("weight_temp", n, m, device=DEVICE)
+    grad = torch.ones(n, dtype=torch.float64, device=DEVICE)
+    want = lse_and_grads(dense_lse_fp64, a, c, grad, torch.float64, **kwargs)
+    got = lse_and_grads(kernels.sim_softmax_lse, a, c, grad, torch.float32, backend="auto", **kwargs)
+    for name, x, y in zip(("lse", "da", "dc"), got, want):
+        assert_close_scaled(x, y, rtol=1e-5, atol=1e-5, name=name)
+
+
+def _naive_same_dtype(a, c, **kwargs):
+    """Plain torch in the input dtype (no upcast): the baseline of flash-attention's error rule."""
+    sim = a @ c.T
+    sg = sim.detach().clamp(-1, 1)
+    n, m = sim.shape
+    pos = kwargs.get("positive_index")
+    pos = torch.arange(n, device=a.device) if pos is None else pos
+    is_pos = torch.zeros(n, m, dtype=torch.bool, device=a.device)
+    is_pos[torch.arange(n, device=a.device), pos] = True
+    temperature = kwargs.get("temperature", 0.05)
+    if kwargs.get("tau_min") is None:
+        tau = torch.full_like(sg, temperature)
+    else:
+        tau = kwargs["tau_min"] + (kwargs["tau_max"] - kwargs["tau_min"]) * ((1 + sg) / 2) ** kwargs.get(
+            "tau_gamma", 1.0)
+    tau = torch.where(is_pos, torch.full_like(tau, temperature), tau)
+    log_w = kwargs.get("weight_gamma", 0.0) * torch.log((1 - sg) / 2) if kwargs.get("weight_gamma", 0.0) > 0 \
+        else torch.zeros_like(sg)
+    if kwargs.get("neg_log_scale") is not None:
+        log_w = log_w + kwargs["neg_log_scale"].to(sg.dtype)[:, None]
+    log_w = torch.where(is_pos, torch.zeros_like(log_w), log_w)
+    return torch.logsumexp(sim / tau + log_w, dim=1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", ["infonce", "weight_temp", "perm_nls"])
+@pytest.mark.parametrize("bwd_mode", BWD_MODES)
+def test_triton_low_precision_flash_rule(case, shape, dtype, bwd_mode):
+    """err(kernel, fp64 ref) <= 2 * err(torch in the same dtype, fp64 ref) + atol, for lse, da and dc."""
+    if INTERPRETING and (case, bwd_mode) != ("weight_temp", "fused"):
+        pytest.skip("interpreter: one low-precision case (tiles are cast to fp32 there anyway)")
+    n, m, d = shape
+    a, c = make_inputs(n, m, d, device=DEVICE)
+    a, c = a.to(dtype), c.to(dtype)  # the fp64 reference sees the same rounded inputs
+    kwargs = case_kwargs(case, n, m, device=DEVICE)
+    grad = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    want = lse_and_grads(dense_lse_fp64, a, c, grad, torch.float64, **kwargs)
+    base = lse_and_grads(_naive_same_dtype, a, c, grad, dtype, **kwargs)
+    got = lse_and_grads(triton_sim_softmax_lse, a, c, grad, dtype, config=dict(bwd_mode=bwd_mode), **kwargs)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    for name, x, b, y in zip(("lse", "da", "dc"), got, base, want):
+        scale = y.abs().max().item()
+        err_kernel = (x.double() - y).abs().max().item()
+        err_torch = (b.double() - y).abs().max().item()
+        assert err_kernel <= 2 * err_torch + 1e-3 * scale, (name, err_kernel, err_torch, scale)
+
+
+@needs_kernels
+def test_triton_only_one_input_requires_grad():
+    a, c = make_inputs(20, 33, 16, device=DEVICE)
+    a32 = a.float().requires_grad_(True)
+    lse = triton_sim_softmax_lse(a32, c.float(), weight_gamma=1.0)
+    (da,) = torch.autograd.grad(lse.sum(), (a32,))
+    a64 = a.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(dense_lse_fp64(a64, c, weight_gamma=1.0).sum(), (a64,))
+    assert_close_scaled(da, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_triton_rejects_float64_and_bad_config():
+    a, c = make_inputs(8, 9, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        kernels.sim_softmax_lse(a, c, backend="triton")
+    with pytest.raises(ValueError, match="unknown triton config"):
+        triton_sim_softmax_lse(a.float(), c.float(), config=dict(block=3))
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.sim_softmax_lse(a.float(), c.float(), positive_index=torch.full((8,), 9, device=DEVICE),
+                                backend="triton")
+
+
+@pytest.mark.skipif(RUN_HERE, reason="this process already runs the kernels directly")
+def test_interpreter_suite():
+    """Plain CPU: run this module under TRITON_INTERPRET=1 in a fresh interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                          os.path.abspath(__file__)], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
