@@ -33,9 +33,9 @@ Triton numerics and layout (flash-attention style, nothing of size N x M ever re
   write partial lse (splits x N); torch merges them. Saved for backward: lse (N,).
 - backward "fused" (D <= 256): deterministic two kernels recompute tiles; da over row blocks, dc over
   column blocks, each holding a [block, BLOCK_DO] fp32 accumulator (D is split in BLOCK_DO chunks).
-- backward "stripe" (D > 256 on GPU, where a full-D accumulator does not fit in registers): a kernel writes
-  G = g p / tau for a stripe of rows (then of columns, transposed) into a bounded workspace and cuBLAS
-  multiplies it by C (resp. A); workspace bytes are capped (``workspace_bytes``), not O(N M).
+- backward "stripe" (D > 256 on GPU, where a full-D fp32 accumulator does not fit in registers): a kernel
+  writes G = g p / tau for a stripe of rows into a bounded workspace (``workspace_bytes``, not O(N M)), then
+  cuBLAS computes da[stripe] = G C and dc += G^T A[stripe] (dc accumulated in fp32 across stripes).
 - pointer offsets are int64 (row * stride may exceed 2^31). Under TRITON_INTERPRET=1 the launcher picks small
   fixed blocks (no autotune) and tiles are cast to fp32 before ``tl.dot`` (bf16 dot is broken there).
 """
@@ -349,15 +349,14 @@ if _HAS_TRITON:
                  acc.to(DC.dtype.element_ty), mask=mask_m[:, None] & mask_do[None, :])
 
     @triton.jit
-    def _bwd_grad_kernel(A, C, POS, NLS, LSE, GRAD, G, N, M, D, stride_a, stride_c, stride_gn, stride_gm,
-                         row0, col0, inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
+    def _bwd_grad_kernel(A, C, POS, NLS, LSE, GRAD, G, N, M, D, stride_a, stride_c, stride_g, row0,
+                         inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
                          HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                          EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_FP32: tl.constexpr):
-        """Stripe mode: write G for rows [row0, N) x cols [col0, M) tiles into the workspace
-        G[(i - row0) * stride_gn + (j - col0) * stride_gm] (stride_gn = 1 writes the transposed stripe)."""
+        """Stripe mode: one [BLOCK_N, BLOCK_M] tile of G for rows [row0, N) into G[(i - row0), j]."""
         offs_n = row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = col0 + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_n = offs_n < N
         mask_m = offs_m < M
         pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
@@ -370,8 +369,7 @@ if _HAS_TRITON:
                       DOT_FP32, IEEE_FP32)
         grad_s = _grad_tile(s, offs_m, M, pos, nls2, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
                             tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
-        g_ptrs = (G + (offs_n - row0).to(tl.int64)[:, None] * stride_gn
-                  + (offs_m - col0).to(tl.int64)[None, :] * stride_gm)
+        g_ptrs = G + (offs_n - row0).to(tl.int64)[:, None] * stride_g + offs_m[None, :]
         tl.store(g_ptrs, grad_s.to(G.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
@@ -390,7 +388,7 @@ def default_triton_config(anchors: Tensor, candidates: Tensor) -> dict:
     """Block sizes / warps / stages chosen in the launcher (no autotune: it breaks the interpreter).
 
     Keys: fwd_*, grad_* (stripe-mode G tiles), bwd_* (fused da/dc kernels), splits (None = pick from the
-    SM count), bwd_mode ("fused" | "stripe"), workspace_bytes (stripe-mode G buffer cap).
+    SM count and fwd_ctas_per_sm), bwd_mode ("fused" | "stripe"), workspace_bytes (stripe-mode G buffer cap).
     """
     dim = anchors.shape[1]
     if _interpreting() or not anchors.is_cuda:
@@ -398,7 +396,7 @@ def default_triton_config(anchors: Tensor, candidates: Tensor) -> dict:
         return dict(fwd_block_n=16, fwd_block_m=16, fwd_block_d=16, fwd_warps=1, fwd_stages=1,
                     grad_block_n=16, grad_block_m=16, grad_block_d=16, grad_warps=1, grad_stages=1,
                     bwd_block_n=16, bwd_block_m=16, bwd_block_d=16, bwd_block_do=16, bwd_warps=1, bwd_stages=1,
-                    splits=1, bwd_mode="fused", workspace_bytes=1 << 28)
+                    splits=1, fwd_ctas_per_sm=1, bwd_mode="fused", workspace_bytes=1 << 28)
     if anchors.dtype == torch.float32:
         cfg = dict(fwd_block_n=64, fwd_block_m=64, fwd_block_d=32, fwd_warps=4, fwd_stages=2,
                    grad_block_n=64, grad_block_m=64, grad_block_d=32, grad_warps=4, grad_stages=2,
@@ -411,7 +409,8 @@ def default_triton_config(anchors: Tensor, candidates: Tensor) -> dict:
     cfg["bwd_block_do"] = min(max(_next_pow2(dim), 16), 128 if anchors.dtype == torch.float32 else 256)
     if cfg["bwd_block_do"] >= 128:
         cfg["bwd_warps"] = 8
-    cfg.update(splits=None, bwd_mode="stripe" if dim > 256 else "fused", workspace_bytes=1 << 28)
+    cfg.update(splits=None, fwd_ctas_per_sm=2, bwd_mode="stripe" if dim > 256 else "fused",
+               workspace_bytes=1 << 28)
     return cfg
 
 
@@ -430,15 +429,32 @@ def _dot_flags(a: Tensor) -> dict:
     return dict(DOT_FP32=dot_fp32, IEEE_FP32=ieee)
 
 
+def _choose_splits(row_blocks: int, col_blocks: int, ctas_per_sm: int, n_sm: int) -> int:
+    """Column splits so that row_blocks * splits programs fill the GPU's CTA slots with little tail.
+
+    Small N alone would leave SMs idle (one program per BLOCK_N rows); each split keeps >= 4 column tiles.
+    """
+    slots = ctas_per_sm * n_sm
+    best, best_eff = 1, 0.0
+    for splits in range(1, max(1, col_blocks // 4) + 1):
+        programs = row_blocks * splits
+        eff = programs / (-(-programs // slots) * slots)  # busy fraction of the last wave included
+        if eff > best_eff + 0.02:
+            best, best_eff = splits, eff
+        if programs >= 4 * slots:
+            break
+    return best
+
+
 def _triton_forward(a_ND, c_MD, pos_N, nls_N, hp, cfg) -> Tensor:
     n_rows, dim = a_ND.shape
     n_cols = c_MD.shape[0]
     block_n, block_m, block_d = cfg["fwd_block_n"], cfg["fwd_block_m"], cfg["fwd_block_d"]
     row_blocks = triton.cdiv(n_rows, block_n)
     splits = cfg["splits"]
-    if splits is None:  # split columns so that ~2 waves of programs cover the GPU (small N otherwise idles)
-        n_sm = torch.cuda.get_device_properties(a_ND.device).multi_processor_count
-        splits = max(1, min(triton.cdiv(2 * n_sm, row_blocks), triton.cdiv(n_cols, 4 * block_m)))
+    if splits is None:
+        splits = _choose_splits(row_blocks, triton.cdiv(n_cols, block_m), cfg["fwd_ctas_per_sm"],
+                                torch.cuda.get_device_properties(a_ND.device).multi_processor_count)
     cols_per_split = triton.cdiv(triton.cdiv(n_cols, splits), block_m) * block_m
     splits = triton.cdiv(n_cols, cols_per_split)
     lse_part = torch.empty((splits, n_rows), dtype=torch.float32, device=a_ND.device)
@@ -478,32 +494,37 @@ def _triton_backward(a_ND, c_MD, pos_N, nls_N, lse_N, grad_N, hp, cfg, need_da, 
         return da, dc
     if cfg["bwd_mode"] != "stripe":
         raise ValueError(f"unknown bwd_mode {cfg['bwd_mode']!r}; expected 'fused' or 'stripe'")
-    # stripe mode (large D): a Triton kernel writes G = g p / tau for a stripe of rows (or columns) into a
-    # bounded workspace, cuBLAS multiplies it out. Two passes so each GEMM is complete (no cross-stripe
-    # accumulation in low precision); memory O(workspace + (N + M) D).
+    # stripe mode (large D): G = g p / tau for a stripe of rows goes to a bounded workspace, cuBLAS does
+    # da[stripe] = G C (complete per stripe) and dc += G^T A[stripe] (fp32 accumulation across stripes).
     block_n, block_m, block_d = cfg["grad_block_n"], cfg["grad_block_m"], cfg["grad_block_d"]
     launch = dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
                   num_warps=cfg["grad_warps"], num_stages=cfg["grad_stages"], **common)
-    budget = max(cfg["workspace_bytes"] // a_ND.element_size(), 1)
-    rows_per = min(n_rows, max(block_n, budget // n_cols // block_n * block_n)) if need_da else 0
-    cols_per = min(n_cols, max(block_m, budget // n_rows // block_m * block_m)) if need_dc else 0
-    workspace = torch.empty(max(rows_per * n_cols, cols_per * n_rows), dtype=a_ND.dtype, device=a_ND.device)
-    if need_da:
-        for row0 in range(0, n_rows, rows_per):
-            rows = min(rows_per, n_rows - row0)
-            g_RM = workspace[:rows * n_cols].view(rows, n_cols)
-            _bwd_grad_kernel[(triton.cdiv(rows, block_n), triton.cdiv(n_cols, block_m))](
-                a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, g_RM, row0 + rows, n_cols, dim, a_ND.stride(0),
-                c_MD.stride(0), n_cols, 1, row0, 0, *hyper, **launch)
+    budget = max(cfg["workspace_bytes"] // (a_ND.element_size() * n_cols), 1)
+    rows_per = min(n_rows, max(block_n, budget // block_n * block_n))
+    workspace = torch.empty(rows_per * n_cols, dtype=a_ND.dtype, device=a_ND.device)
+    single = rows_per >= n_rows
+    low_precision_multi = need_dc and not single and dc.dtype != torch.float32
+    dc32 = torch.zeros_like(dc, dtype=torch.float32) if low_precision_multi else dc
+    partial = None
+    for row0 in range(0, n_rows, rows_per):
+        rows = min(rows_per, n_rows - row0)
+        g_RM = workspace[:rows * n_cols].view(rows, n_cols)
+        _bwd_grad_kernel[(triton.cdiv(rows, block_n), triton.cdiv(n_cols, block_m))](
+            a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, g_RM, row0 + rows, n_cols, dim, a_ND.stride(0),
+            c_MD.stride(0), n_cols, row0, *hyper, **launch)
+        if need_da:
             torch.mm(g_RM, c_MD, out=da[row0:row0 + rows])
-    if need_dc:
-        for col0 in range(0, n_cols, cols_per):
-            cols = min(cols_per, n_cols - col0)
-            g_QN = workspace[:cols * n_rows].view(cols, n_rows)  # G^T stripe: written transposed
-            _bwd_grad_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(cols, block_m))](
-                a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, g_QN, n_rows, col0 + cols, dim, a_ND.stride(0),
-                c_MD.stride(0), 1, n_rows, 0, col0, *hyper, **launch)
-            torch.mm(g_QN, a_ND, out=dc[col0:col0 + cols])
+        if need_dc:
+            a_RD = a_ND[row0:row0 + rows]
+            if row0 == 0 and dc32.dtype == a_ND.dtype:
+                torch.mm(g_RM.T, a_RD, out=dc32)
+            elif dc32.dtype == a_ND.dtype:  # fp32 inputs: accumulate in place
+                dc32.addmm_(g_RM.T, a_RD)
+            else:  # low precision: each stripe's product rounds once, the sum is fp32
+                partial = torch.mm(g_RM.T, a_RD) if partial is None else torch.mm(g_RM.T, a_RD, out=partial)
+                dc32.add_(partial)
+    if need_dc and dc32 is not dc:
+        dc.copy_(dc32)
     return da, dc
 
 

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from kernels.chunked import chunked_sim_softmax_lse, default_block_size
-from tests.test_kernels_helpers import CASES, assert_close_scaled, case_kwargs, dense_lse_fp64, lse_and_grads, make_inputs
+from tests.test_kernels_helpers import (
+    CASES,
+    assert_close_scaled,
+    case_kwargs,
+    dense_lse_fp64,
+    lse_and_grads,
+    make_inputs,
+)
 
 N, M, D = 37, 53, 24
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

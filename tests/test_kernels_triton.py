@@ -60,7 +60,7 @@ def _config(bwd_mode, splits):
     if splits is not None:
         cfg["splits"] = splits
     if bwd_mode == "stripe":
-        cfg["workspace_bytes"] = 64 * 1024  # force several stripes at test sizes
+        cfg["workspace_bytes"] = 4096  # force several stripes at test sizes
     return cfg
 
 
@@ -126,7 +126,7 @@ def _naive_same_dtype(a, c, **kwargs):
 @pytest.mark.parametrize("bwd_mode", BWD_MODES)
 def test_triton_low_precision_flash_rule(case, shape, dtype, bwd_mode):
     """err(kernel, fp64 ref) <= 2 * err(torch in the same dtype, fp64 ref) + atol, for lse, da and dc."""
-    if INTERPRETING and (case, bwd_mode) != ("weight_temp", "fused"):
+    if INTERPRETING and case != "weight_temp":
         pytest.skip("interpreter: one low-precision case (tiles are cast to fp32 there anyway)")
     n, m, d = shape
     a, c = make_inputs(n, m, d, device=DEVICE)
@@ -135,7 +135,7 @@ def test_triton_low_precision_flash_rule(case, shape, dtype, bwd_mode):
     grad = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(13)).to(DEVICE)
     want = lse_and_grads(dense_lse_fp64, a, c, grad, torch.float64, **kwargs)
     base = lse_and_grads(_naive_same_dtype, a, c, grad, dtype, **kwargs)
-    got = lse_and_grads(triton_sim_softmax_lse, a, c, grad, dtype, config=dict(bwd_mode=bwd_mode), **kwargs)
+    got = lse_and_grads(triton_sim_softmax_lse, a, c, grad, dtype, config=_config(bwd_mode, None), **kwargs)
     assert got[1].dtype == dtype and got[2].dtype == dtype
     for name, x, b, y in zip(("lse", "da", "dc"), got, base, want):
         scale = y.abs().max().item()
