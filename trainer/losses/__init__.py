@@ -1,0 +1,24 @@
+"""Contrastive losses on L2-normalised embeddings: dict of tensors out, ``"loss"`` = mean over rows.
+
+``infonce_loss`` (SimCSE), ``softcse_loss`` (SoftCSE, weight or temperature mode), ``iftcl_loss``
+(identical + fraternal twins, Twins hinge, hippocampus queue); ``build_objective(LossConfig)`` is what the
+training engine calls. All losses route their log-sum-exp through ``kernels.sim_softmax_lse`` and know
+nothing of torch.distributed.
+"""
+
+from trainer.losses.iftcl import iftcl_loss, twins_hinge
+from trainer.losses.infonce import infonce_loss
+from trainer.losses.objective import LOSS_NAMES, ContrastiveObjective, build_objective
+from trainer.losses.queue import HippocampusQueue
+from trainer.losses.softcse import softcse_loss
+
+__all__ = [
+    "LOSS_NAMES",
+    "ContrastiveObjective",
+    "HippocampusQueue",
+    "build_objective",
+    "iftcl_loss",
+    "infonce_loss",
+    "softcse_loss",
+    "twins_hinge",
+]

@@ -1,0 +1,108 @@
+"""IFTCL: contrastive learning with identical and fraternal twins.
+
+After "Identical and Fraternal Twins: Fine-Grained Semantic Contrastive Learning of Sentence
+Representations" (2023). Each anchor has two positives: its identical twin (same text, another dropout
+mask) and its fraternal twin (a token-level augmentation, ``trainer/augment.py``). The paper's exact
+functions could not be read from any available source; the form below carries its stated mechanisms (two
+positives, a Twins loss that keeps the fraternal twin a little farther than the identical one instead of
+pulling it all the way in, a hippocampus queue of past embeddings as extra negatives) and reduces to an
+InfoNCE form when the Twins weight is 0 and there is no queue (DESIGN.md, loss math contract).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from trainer.losses.infonce import (check_embeddings, check_kernel, check_temperature, infonce_loss,
+                                    positive_similarity)
+from trainer.losses.queue import HippocampusQueue
+from trainer.losses.softcse import softcse_loss
+
+CONTRASTIVE_TERMS = ("infonce", "softcse")
+
+
+def twins_hinge(margin_N: Tensor, margin_low: float, margin_high: float) -> Tensor:
+    """Two-sided hinge ``relu(m_low - d) + relu(d - m_high)``: zero inside [m_low, m_high], linear outside."""
+    return torch.relu(margin_low - margin_N) + torch.relu(margin_N - margin_high)
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def iftcl_loss(anchors: Tensor, identical: Tensor, fraternal: Tensor, *,
+               queue: Optional[Union[Tensor, HippocampusQueue]] = None, temperature: float = 0.05,
+               margin_low: float = 0.0, margin_high: float = 0.2, twins_weight: float = 0.1,
+               contrastive: str = "infonce", positive_index: Optional[Tensor] = None, kernel: str = "auto",
+               **softcse_kwargs) -> dict[str, Tensor]:
+    """IFTCL loss (2023), mean over the N anchor rows; scale = 1 / tau, ``sg`` = stop-gradient::
+
+        loss       = contrastive + lambda * twins
+        contrastive = (L(a, [I; Q], p) + L(a, [F; Q], p)) / 2
+        twins      = mean_i  relu(m_low - d_i) + relu(d_i - m_high),   d_i = s(a_i, I_p(i)) - s(a_i, F_p(i))
+
+    ``anchors`` (N x D), ``identical`` I and ``fraternal`` F (M x D each, row p(i) = ``positive_index[i]``
+    is anchor i's twin; default ``arange(N)``), ``queue`` Q (K x D, or a ``HippocampusQueue``) of past
+    candidates, without gradient. ``L`` is InfoNCE ``-s_ip/tau + log sum_j exp(s_ij/tau)``
+    (``contrastive="infonce"``) or SoftCSE (``contrastive="softcse"``, configured by ``softcse_kwargs``:
+    ``mode``, ``gamma``, ``tau_min``, ``tau_max``, ``normalize_weights``).
+
+    Form of the two-positive contrastive term: the mean of two single-positive terms, each scoring the anchor
+    against ITS OWN twin set plus the queue. The other kind of twin is never a negative (the fraternal twin
+    of sentence i must not be pushed away from anchor i in the identical term, and vice versa), every term
+    keeps the standard single-positive InfoNCE/SoftCSE form (one positive column per row, which the fused
+    kernel computes), and the two positives get equal weight. With ``twins_weight = 0`` and no queue the
+    loss is exactly ``(InfoNCE(a, I) + InfoNCE(a, F)) / 2``.
+
+    The Twins term constrains the margin ``d_i`` (gradient flows through both similarities) to
+    ``[margin_low, margin_high]``: the fraternal twin may sit up to ``margin_high`` farther than the
+    identical twin but no closer than ``margin_low`` below it. Weight ``lambda = twins_weight``.
+
+    Returns ``{"loss", "contrastive", "twins", "identical_sim", "fraternal_sim", "margin"}``; only "loss"
+    carries gradient.
+    """
+    temperature = check_temperature(temperature)
+    check_kernel(kernel)
+    margin_low, margin_high = _number(margin_low, "margin_low"), _number(margin_high, "margin_high")
+    if margin_low > margin_high:
+        raise ValueError(f"margin_low must be <= margin_high, got {margin_low} > {margin_high}")
+    twins_weight = _number(twins_weight, "twins_weight")
+    if twins_weight < 0:
+        raise ValueError(f"twins_weight must be >= 0, got {twins_weight}")
+    if contrastive not in CONTRASTIVE_TERMS:
+        raise ValueError(f"contrastive must be one of {', '.join(CONTRASTIVE_TERMS)}, got {contrastive!r}")
+    if contrastive == "infonce" and softcse_kwargs:
+        raise ValueError(f"SoftCSE options {sorted(softcse_kwargs)} need contrastive='softcse'")
+    positive_index = check_embeddings(anchors, identical, positive_index, candidates_name="identical")
+    check_embeddings(anchors, fraternal, positive_index, candidates_name="fraternal")
+    if fraternal.shape[0] != identical.shape[0]:
+        raise ValueError(f"identical and fraternal must have the same rows, got {identical.shape[0]} and "
+                         f"{fraternal.shape[0]}")
+    negatives = queue.negatives() if isinstance(queue, HippocampusQueue) else queue
+
+    def term(twins: Tensor) -> dict[str, Tensor]:
+        common = dict(temperature=temperature, positive_index=positive_index, queue=negatives, kernel=kernel)
+        if contrastive == "softcse":
+            return softcse_loss(anchors, twins, **common, **softcse_kwargs)
+        return infonce_loss(anchors, twins, **common)
+
+    contrastive_loss = 0.5 * (term(identical)["loss"] + term(fraternal)["loss"])
+    identical_sim_N = positive_similarity(anchors, identical, positive_index)
+    fraternal_sim_N = positive_similarity(anchors, fraternal, positive_index)
+    margin_N = identical_sim_N - fraternal_sim_N
+    twins = twins_hinge(margin_N, margin_low, margin_high).mean()
+    loss = contrastive_loss + twins_weight * twins
+    return {
+        "loss": loss,
+        "contrastive": contrastive_loss.detach(),
+        "twins": twins.detach(),
+        "identical_sim": identical_sim_N.detach().mean(),
+        "fraternal_sim": fraternal_sim_N.detach().mean(),
+        "margin": margin_N.detach().mean(),
+    }

@@ -1,0 +1,97 @@
+"""SoftCSE: InfoNCE whose negatives are not all equally negative.
+
+After "Not All Negatives are Equally Negative: Soft Contrastive Learning for Unsupervised Sentence
+Representations" (CIKM 2024). The paper's exact functions could not be read from any available source; the
+two families below carry its stated mechanism (a negative that resembles the anchor is pushed less) and
+contain InfoNCE as an exact limit (DESIGN.md, loss math contract). Both are computed in-kernel by
+``kernels.sim_softmax_lse`` from the stop-gradient similarity ``sg(s_ij)`` clamped to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import kernels
+from trainer.losses.infonce import (append_queue, check_embeddings, check_kernel, check_temperature,
+                                    positive_similarity)
+
+SOFTCSE_MODES = ("weight", "temperature")
+# A row whose negatives all weigh 0 (every negative at s = 1) would get log(mean w) = -inf; flooring the
+# mean keeps neg_log_scale finite, and the zero weights stay zero (log w = -inf + finite).
+_MIN_MEAN_WEIGHT = 1e-30
+
+
+def softcse_family_kwargs(*, mode: str, temperature: float, gamma: float, tau_min: Optional[float],
+                          tau_max: Optional[float], normalize_weights: bool) -> dict:
+    """Validate SoftCSE hyper-parameters; return the ``sim_softmax_lse`` family keywords."""
+    if mode not in SOFTCSE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(SOFTCSE_MODES)}, got {mode!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (gamma >= 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    if mode == "weight":
+        if tau_min is not None or tau_max is not None:
+            raise ValueError("tau_min/tau_max apply to mode='temperature' only")
+        return {"weight_gamma": float(gamma)}
+    if normalize_weights:
+        raise ValueError("normalize_weights applies to mode='weight' only")
+    tau_min = temperature if tau_min is None else check_temperature(tau_min, "tau_min")
+    tau_max = temperature if tau_max is None else check_temperature(tau_max, "tau_max")
+    # gamma = 0 would make the ramp a constant tau_max (0^0 = 1): a valid but surprising family; the kernel
+    # needs tau_gamma > 0, and ((1 + s)/2)^gamma -> 1 as gamma -> 0 for s > -1, so use tau_max directly.
+    if gamma == 0:
+        return {"tau_min": tau_max, "tau_max": tau_max, "tau_gamma": 1.0}
+    return {"tau_min": tau_min, "tau_max": tau_max, "tau_gamma": float(gamma)}
+
+
+def softcse_loss(anchors: Tensor, candidates: Tensor, *, mode: str = "weight", temperature: float = 0.05,
+                 gamma: float = 1.0, tau_min: Optional[float] = None, tau_max: Optional[float] = None,
+                 normalize_weights: bool = False, positive_index: Optional[Tensor] = None,
+                 queue: Optional[Tensor] = None, kernel: str = "auto") -> dict[str, Tensor]:
+    """SoftCSE loss (CIKM 2024), mean over the N anchor rows; scale = 1 / tau, ``sg`` = stop-gradient.
+
+    ``mode="weight"``: each negative's term is weighted by ``w_ij = ((1 - sg(s_ij)) / 2) ** gamma``,
+    the positive by 1::
+
+        l_i = -s_ip / tau + log( exp(s_ip / tau) + sum_{j != p} w_ij exp(s_ij / tau) )
+
+    i.e. a log-sum-exp over ``s_ij / tau + log w_ij``. ``gamma = 0`` is exactly InfoNCE; a negative at
+    ``s = 1`` (a duplicate of the anchor) weighs 0. ``normalize_weights=True`` divides the weights by their
+    mean over the row's negatives (so the mean negative weight is 1, keeping the loss scale comparable).
+
+    ``mode="temperature"``: each negative gets its own temperature, the positive keeps ``tau``::
+
+        l_i = -s_ip / tau + log( exp(s_ip / tau) + sum_{j != p} exp(s_ij / tau_ij) )
+        tau_ij = tau_min + (tau_max - tau_min) * ((1 + sg(s_ij)) / 2) ** gamma
+
+    similar negatives get the higher (softer) temperature. ``tau_min``/``tau_max`` default to ``tau``;
+    ``tau_min = tau_max = tau`` is exactly InfoNCE.
+
+    Weights and temperatures are constants for autograd (stop-gradient): the gradient is that of the loss
+    with ``w``/``tau_ij`` frozen at their current values. ``queue`` (K x D) adds negative columns without
+    gradient; ``positive_index`` defaults to ``arange(N)``; ``kernel`` picks the fused-op backend.
+
+    Returns ``{"loss", "pos_sim"}`` (+ ``"mean_neg_weight"`` when ``normalize_weights``), all but "loss"
+    detached.
+    """
+    temperature = check_temperature(temperature)
+    check_kernel(kernel)
+    family = softcse_family_kwargs(mode=mode, temperature=temperature, gamma=gamma, tau_min=tau_min,
+                                   tau_max=tau_max, normalize_weights=normalize_weights)
+    positive_index = check_embeddings(anchors, candidates, positive_index)
+    columns = append_queue(candidates, queue)
+    out: dict[str, Tensor] = {}
+    neg_log_scale = None
+    if normalize_weights and columns.shape[0] > 1:
+        mean_w_N = kernels.mean_negative_weight(anchors.detach(), columns.detach(), weight_gamma=family["weight_gamma"],
+                                                positive_index=positive_index)
+        neg_log_scale = -torch.log(mean_w_N.clamp_min(_MIN_MEAN_WEIGHT))
+        out["mean_neg_weight"] = mean_w_N.mean()
+    lse_N = kernels.sim_softmax_lse(anchors, columns, temperature=temperature, positive_index=positive_index,
+                                    neg_log_scale=neg_log_scale, backend=kernel, **family)
+    pos_sim_N = positive_similarity(anchors, candidates, positive_index)
+    loss = (lse_N.to(pos_sim_N.dtype) - pos_sim_N / temperature).mean()
+    return {"loss": loss, "pos_sim": pos_sim_N.detach().mean(), **out}
