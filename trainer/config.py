@@ -119,7 +119,8 @@ class LossConfig:
     twins_weight: float = 0.1
     """IFTCL: lambda, weight of the Twins hinge term."""
     queue_size: int = 0
-    """IFTCL hippocampus queue: number of past candidate embeddings reused as negatives (0 = off)."""
+    """Hippocampus queue (IFTCL): number of past candidate embeddings (all ranks' identical twins, detached)
+    reused as extra negatives, FIFO, saved in checkpoints; also usable with infonce/softcse (0 = off)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -136,6 +137,11 @@ class LossConfig:
             raise ConfigError("loss.margin_low must be <= loss.margin_high")
         if self.queue_size < 0 or self.twins_weight < 0:
             raise ConfigError("loss.queue_size and loss.twins_weight must be >= 0")
+        uses_softcse = self.name == "softcse" or (self.name == "iftcl" and self.contrastive == "softcse")
+        if uses_softcse and self.softcse_mode == "weight" and self.tau_min is not None:
+            raise ConfigError("loss.tau_min/loss.tau_max apply to loss.softcse_mode=temperature only")
+        if uses_softcse and self.softcse_mode == "temperature" and self.normalize_weights:
+            raise ConfigError("loss.normalize_weights applies to loss.softcse_mode=weight only")
 
 
 @dataclass

@@ -80,10 +80,10 @@ def iftcl_loss(anchors: Tensor, identical: Tensor, fraternal: Tensor, *,
     if contrastive == "infonce" and softcse_kwargs:
         raise ValueError(f"SoftCSE options {sorted(softcse_kwargs)} need contrastive='softcse'")
     positive_index = check_embeddings(anchors, identical, positive_index, candidates_name="identical")
-    check_embeddings(anchors, fraternal, positive_index, candidates_name="fraternal")
-    if fraternal.shape[0] != identical.shape[0]:
+    if not isinstance(fraternal, torch.Tensor) or fraternal.shape[:1] != identical.shape[:1]:
         raise ValueError(f"identical and fraternal must have the same rows, got {identical.shape[0]} and "
-                         f"{fraternal.shape[0]}")
+                         f"{getattr(fraternal, 'shape', [type(fraternal).__name__])[0]}")
+    check_embeddings(anchors, fraternal, positive_index, candidates_name="fraternal")
     negatives = queue.negatives() if isinstance(queue, HippocampusQueue) else queue
 
     def term(twins: Tensor) -> dict[str, Tensor]:
