@@ -119,3 +119,23 @@ def test_config_overrides_reach_the_objective():
     objective = build_objective(cfg.loss)
     assert objective.queue.size == 128
     assert objective.iftcl["twins_weight"] == 0.3 and objective.iftcl["gamma"] == 0.5
+
+
+RUNS = __import__("pathlib").Path(__file__).resolve().parent.parent / "launch_configs" / "runs"
+EXPECTED = {"simcse": ("infonce", None), "softcse_weight": ("softcse", "weight"),
+            "softcse_temp": ("softcse", "temperature"), "iftcl": ("iftcl", None)}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+@pytest.mark.parametrize("variant", ["bert_base", "minilm_cpu"])
+def test_method_run_yamls_build_their_objective(method, variant):
+    cfg = load_config(RUNS / f"{method}_{variant}.yaml")
+    name, mode = EXPECTED[method]
+    assert cfg.loss.name == name and cfg.loss.temperature == 0.05 and cfg.data.batch_size == 64
+    if mode:
+        assert cfg.loss.softcse_mode == mode
+    objective = build_objective(cfg.loss)
+    assert objective.needs_fraternal == (name == "iftcl")
+    if variant == "bert_base":  # SimCSE's unsupervised BERT-base settings
+        assert (cfg.model.name_or_path, cfg.model.pooler, cfg.model.max_length) == ("bert-base-uncased", "cls_mlp", 32)
+        assert (cfg.optim.lr, cfg.optim.max_steps, cfg.eval.every_steps) == (3e-5, 15625, 125)
