@@ -8,15 +8,39 @@ the single-process loss is L = (1/W) sum_r L_r. `all_gather`'s backward sums, on
 every rank's L_r' sends to the owner's embeddings, so rank r ends with g_r = d(sum_r' L_r')/d(emb_r) *
 d(emb_r)/d(theta); DDP then AVERAGES g_r over ranks: (1/W) sum_r g_r = dL/dtheta. (Summing instead of
 averaging, or gathering without gradient, gives the W-times-too-large or lost gradients of pytorch#58005.)
+DeepSpeed ZeRO 1-3 average gradients over the data-parallel group the same way, so the argument holds there.
+
+Equal batches are part of that contract: L = (1/W) sum_r L_r is the mean over all rows only when every rank
+holds B_local rows, and the positive offset `r * B_local` assumes it too. `gather_with_grad` therefore
+all-gathers the shapes first and raises `UnevenBatchError` on every rank (never a hang, never a silently
+wrong gradient) instead of padding; `trainer.data.TrainStream` yields equal batches on every rank.
+
+Tested in tests/test_distributed.py: 2 and 3 gloo processes with DDP give, in float64, the parameter
+gradients of one process on the concatenated batch for InfoNCE, both SoftCSE modes and IFTCL (+ its queue).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Shapes travel as a fixed-length int64 vector (ndim, d0, d1, ...) so ranks with different ndim still meet
+# in one collective of one size; 8 dims is far more than embeddings (2-D) need.
+_MAX_DIMS = 7
+
+# torch >= 2.13 renamed the flat-buffer collectives; keep the old names for older torch (setup.py: >= 2.3).
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class UnevenBatchError(ValueError):
+    """Ranks passed tensors of different shapes to a gather (uneven local batches)."""
 
 
 def is_initialized() -> bool:
@@ -24,10 +48,12 @@ def is_initialized() -> bool:
 
 
 def rank() -> int:
+    """This process's global rank (RANK from the launcher before the process group exists)."""
     return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:
+    """Processes in the default group; 1 without a process group."""
     return dist.get_world_size() if is_initialized() else 1
 
 
@@ -35,24 +61,81 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's `x` (same shape on all ranks) concatenated in rank order along dim 0; differentiable:
-    the gradient w.r.t. each rank's slice returns to its owner (backward = reduce-scatter of the sums)."""
+def local_positive_index(num_local: int, *, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Columns of this rank's positives in the gathered candidate list: `rank * num_local + arange(num_local)`."""
+    return torch.arange(num_local, device=device) + rank() * num_local
+
+
+def check_same_shape(x: torch.Tensor, *, what: str = "tensor") -> None:
+    """Raise `UnevenBatchError` on EVERY rank when ranks hold tensors of different shapes.
+
+    One tiny all_gather of the shapes (on `x`'s device, so it also works on NCCL); every rank sees all
+    shapes and raises the same error, so no rank is left waiting in the next collective.
+    """
+    if world_size() == 1:
+        return
+    if x.dim() > _MAX_DIMS:
+        raise ValueError(f"{what} has {x.dim()} dims; at most {_MAX_DIMS} are supported")
+    mine = torch.zeros(_MAX_DIMS + 1, dtype=torch.int64, device=x.device)
+    mine[0] = x.dim()
+    mine[1 : x.dim() + 1] = torch.tensor(x.shape, dtype=torch.int64)
+    every = torch.empty(world_size() * mine.numel(), dtype=torch.int64, device=x.device)
+    _all_gather_flat(every, mine)
+    rows = every.view(world_size(), -1).tolist()
+    shapes = [tuple(row[1 : row[0] + 1]) for row in rows]
+    if any(s != shapes[0] for s in shapes):
+        listing = ", ".join(f"rank {r}: {tuple(s)}" for r, s in enumerate(shapes))
+        raise UnevenBatchError(
+            f"every rank must gather a {what} of the same shape (equal local batch sizes), got {listing}. "
+            "Uneven batches would weigh ranks' rows unequally and shift the positive offsets "
+            "(rank * B_local); make every rank yield data.batch_size rows (drop or refill the last batch)."
+        )
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward, reduce-scatter (SUM) backward: each rank gets the gradient that ALL ranks' losses
+    send to its own slice. One flat buffer each way (no W-tensor list + cat)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
+        _all_gather_flat(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad_out = grad_out.contiguous()
+        grad_x = grad_out.new_empty((grad_out.shape[0] // world_size(), *grad_out.shape[1:]))
+        _reduce_scatter_flat(grad_x, grad_out, op=dist.ReduceOp.SUM)
+        return grad_x
+
+
+def gather_with_grad(x: torch.Tensor, *, check_shapes: bool = True) -> torch.Tensor:
+    """Every rank's `x` concatenated in rank order along dim 0 (W * B rows); differentiable: the gradient
+    w.r.t. each rank's slice, summed over all ranks' losses, returns to its owner.
+
+    With `check_shapes` (default) the shapes are all-gathered first and `UnevenBatchError` is raised on every
+    rank when they differ (see the module docstring for why uneven batches are refused, not padded).
+    """
     if world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    if check_shapes:
+        check_same_shape(x, what="batch of embeddings")
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_no_grad(x: torch.Tensor, *, check_shapes: bool = True) -> torch.Tensor:
     """Every rank's `x` concatenated in rank order, without gradient (e.g. to enqueue a shared queue)."""
     if world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    if check_shapes:
+        check_same_shape(x)
+    x = x.contiguous()
+    out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
+    _all_gather_flat(out, x)
+    return out
 
 
 @torch.no_grad()
