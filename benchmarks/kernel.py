@@ -6,7 +6,8 @@ For each size N x M (D = 768, bf16) and family ("infonce": plain temperature; "s
 tau_min/tau_max family), it times forward and forward+backward (median of ``triton.testing.do_bench``,
 CUDA events), records peak extra GPU memory of one forward+backward (``max_memory_allocated`` over the
 inputs), TFLOP/s counting 2NMD (forward) and 8NMD (forward+backward), and the speed-up over naive torch.
-Naive runs that do not fit are recorded as OOM. ``--sweep`` also times a few Triton block configurations.
+Naive runs that do not fit are recorded as OOM. ``--sweep`` also times a few Triton block configurations
+(forward kernel; stripe-backward G kernel) and reports registers / spills of the compiled kernels.
 Results: a table on stdout and JSON (``--output``), written after every row.
 """
 
@@ -31,10 +32,11 @@ FAMILIES = {
     "soft": dict(temperature=0.05, weight_gamma=1.0, tau_min=0.03, tau_max=0.1, tau_gamma=1.0),
 }
 DEFAULT_SIZES = "4096x4096,16384x16384,65536x65536,8192x65536"
-SWEEP = [  # (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages, CTAs per SM assumed for splits)
-    (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 3, 2), (128, 256, 64, 8, 3, 1),
-    (64, 128, 64, 4, 4, 2), (128, 64, 64, 4, 4, 2), (128, 128, 32, 8, 4, 2), (256, 128, 64, 8, 3, 1),
-]
+# (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages); forward configs also take CTAs per SM for the splits
+FWD_SWEEP = [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (256, 128, 64, 8, 3, 1), (128, 256, 32, 8, 4, 1),
+             (128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 3, 2)]
+GRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3),
+              (128, 128, 64, 8, 4), (128, 128, 32, 8, 5), (64, 256, 64, 8, 3)]
 
 
 def naive_lse(a, c, temperature=0.05, weight_gamma=0.0, tau_min=None, tau_max=None, tau_gamma=1.0):
@@ -80,6 +82,13 @@ def measure(fn, a, c, grad, kwargs, rep_ms):
     return t_fwd, t_fb, peak
 
 
+def compiled_info():
+    """{role: (registers, spills)} of the Triton kernels launched last."""
+    from kernels.sim_softmax import _COMPILED
+
+    return {k: (getattr(v, "n_regs", None), getattr(v, "n_spills", None)) for k, v in _COMPILED.items()}
+
+
 def rel_err(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -115,7 +124,7 @@ def main(argv=None):
     parser.add_argument("--compile-max", type=int, default=16384, help="torch.compile only up to this N*M root")
     parser.add_argument("--fused-max", type=int, default=16384, help="triton_fused (no stripes) up to this size")
     parser.add_argument("--rep-ms", type=int, default=200)
-    parser.add_argument("--sweep", action="store_true", help="also time SWEEP block configs at 16384x16384")
+    parser.add_argument("--sweep", action="store_true", help="also time FWD_SWEEP / GRAD_SWEEP at 16384x16384")
     parser.add_argument("--output", default=None, help="JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -186,6 +195,8 @@ def main(argv=None):
                 torch.cuda.empty_cache()
                 if method == "naive" and "fwd_bwd_ms" in row:
                     naive_fb = row["fwd_bwd_ms"]
+                if method.startswith("triton") and "fwd_ms" in row:
+                    row["kernels"] = compiled_info()
                 if method == "triton" and max(n, m) <= 16384:
                     row["rel_err_vs_fp32"] = accuracy(a, c, grad, kwargs)
                 results["rows"].append(row)
@@ -193,8 +204,8 @@ def main(argv=None):
                 if "fwd_bwd_ms" in row:
                     speed = f"{naive_fb / row['fwd_bwd_ms']:7.2f}" if naive_fb else f"{'-':>7}"
                     print(f"{n:>6}x{m:<6} {family:>7} {method:>12} {row['fwd_ms']:8.3f} {row['fwd_tflops']:5.0f} "
-                          f"{row['fwd_bwd_ms']:8.3f} {row['fwd_bwd_tflops']:5.0f} {row['peak_mib']:9.0f} {speed}",
-                          flush=True)
+                          f"{row['fwd_bwd_ms']:8.3f} {row['fwd_bwd_tflops']:5.0f} {row['peak_mib']:9.0f} {speed}"
+                          f" {row.get('kernels', '')}", flush=True)
                 else:
                     print(f"{n:>6}x{m:<6} {family:>7} {method:>12} {row['status']}", flush=True)
         # the speed-up column is relative to naive of the same size/family; fill it for rows printed before
@@ -217,21 +228,26 @@ def main(argv=None):
         a.requires_grad_(True)
         c.requires_grad_(True)
         grad = torch.randn(n, device="cuda", generator=gen) / n
-        print("sweep at 16384x16384 (infonce): fwd ms / fwd+bwd ms per config", flush=True)
-        for bn, bm, bd, warps, stages, ctas in SWEEP:
-            cfg = dict(fwd_block_n=bn, fwd_block_m=bm, fwd_block_d=bd, fwd_warps=warps, fwd_stages=stages,
-                       fwd_ctas_per_sm=ctas, grad_block_n=bn, grad_block_m=bm, grad_block_d=bd, grad_warps=warps,
-                       grad_stages=stages)
-            entry = dict(config=cfg)
+        plan = [("fwd", cfg, fam) for fam in ("infonce", "soft") for cfg in FWD_SWEEP]
+        plan += [("grad", cfg, "soft") for cfg in GRAD_SWEEP]
+        print("sweep at 16384x16384: fwd ms / fwd+bwd ms per config (regs, spills)", flush=True)
+        for kind, (bn, bm, bd, warps, stages, *ctas), family in plan:
+            if kind == "fwd":
+                cfg = dict(fwd_block_n=bn, fwd_block_m=bm, fwd_block_d=bd, fwd_warps=warps, fwd_stages=stages,
+                           fwd_ctas_per_sm=ctas[0])
+            else:
+                cfg = dict(grad_block_n=bn, grad_block_m=bm, grad_block_d=bd, grad_warps=warps, grad_stages=stages)
+            entry = dict(kind=kind, family=family, config=cfg)
             try:
-                t_fwd, t_fb, peak = measure(triton_fn(cfg), a, c, grad, FAMILIES["infonce"], args.rep_ms)
+                t_fwd, t_fb, _ = measure(triton_fn(cfg), a, c, grad, FAMILIES[family], args.rep_ms)
                 entry.update(fwd_ms=t_fwd, fwd_bwd_ms=t_fb, fwd_tflops=2 * n * m * dim / t_fwd / 1e9,
-                             fwd_bwd_tflops=8 * n * m * dim / t_fb / 1e9)
-                print(f"  {bn}x{bm}x{bd} w{warps} s{stages} c{ctas}: {t_fwd:.3f} ({entry['fwd_tflops']:.0f} TF/s)"
-                      f" / {t_fb:.3f} ({entry['fwd_bwd_tflops']:.0f} TF/s)", flush=True)
+                             fwd_bwd_tflops=8 * n * m * dim / t_fb / 1e9, kernels=compiled_info())
+                print(f"  {kind} {family:>7} {bn}x{bm}x{bd} w{warps} s{stages} {ctas}: {t_fwd:.3f} "
+                      f"({entry['fwd_tflops']:.0f} TF/s) / {t_fb:.3f} ({entry['fwd_bwd_tflops']:.0f} TF/s) "
+                      f"{entry['kernels']}", flush=True)
             except Exception as exc:
                 entry.update(status=f"error: {type(exc).__name__}: {str(exc)[:300]}")
-                print(f"  {bn}x{bm}x{bd} w{warps} s{stages}: {entry['status']}", flush=True)
+                print(f"  {kind} {bn}x{bm}x{bd} w{warps} s{stages}: {entry['status']}", flush=True)
             a.grad = c.grad = None
             results["sweep"].append(entry)
             dump()

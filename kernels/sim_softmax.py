@@ -29,7 +29,8 @@ Triton numerics and layout (flash-attention style, nothing of size N x M ever re
 - forward: a program owns BLOCK_N rows and one split of the columns; per BLOCK_M column tile it computes
   s with ``tl.dot`` over D in BLOCK_D chunks (fp32 accumulation; bf16/fp16 tensor cores, IEEE fp32 for fp32
   inputs unless TF32 is allowed), derives w and tau in-kernel, and keeps a running max and sum in base 2
-  (log2(e) folded into the 1/tau scale, ``exp2``). Column splits (so that small N still fills the GPU)
+  (log2(e) folded into the 1/tau scale, ``exp2``; weights multiply, so gamma in {1, 2} costs no special
+  function and zero weights drop out of the max). Column splits (so that small N still fills the GPU)
   write partial lse (splits x N); torch merges them. Saved for backward: lse (N,).
 - backward "fused" (D <= 256): deterministic two kernels recompute tiles; da over row blocks, dc over
   column blocks, each holding a [block, BLOCK_DO] fp32 accumulator (D is split in BLOCK_DO chunks).
@@ -206,37 +207,53 @@ if _HAS_TRITON:
         return acc
 
     @triton.jit
-    def _logits_tile(s, offs_m, col_end, pos, nls2, inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
-                     HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr):
-        """Base-2 logits x2 = log2(w) + s / tau * log2(e) of a tile, and 1/tau (scalar without a tau family).
+    def _family_tile(s, offs_m, col_end, pos, neg_scale, inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
+                     WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr):
+        """(z2, wf, 1/tau) of a tile: w_ij exp(s_ij / tau_ij) = wf_ij * exp2(z2_ij), z2 = s / tau * log2(e).
 
         w and tau come from the stop-gradient s clamped to [-1, 1]; the positive column (offs_m == pos) gets
-        w = 1, tau = temperature; columns >= col_end get x2 = -inf.
+        w = 1, tau = temperature. Weights stay multiplicative (u, u*u, or exp2(gamma log2 u) for other
+        exponents) to spare special-function units; zero-weight terms and columns >= col_end get z2 = -inf so
+        they leave the running max and never produce inf * 0. wf / 1/tau are scalars when constant.
         """
         is_pos = pos[:, None] == offs_m[None, :]
         sc = tl.minimum(tl.maximum(s, -1.0), 1.0)
-        if HAS_TAU:
-            # ((1 + s)/2)^gamma = exp2(gamma * log2((1 + s)/2)); 0 at s = -1 (gamma > 0)
-            tau = tau_min + tau_delta * tl.exp2(tau_gamma * tl.log2((1.0 + sc) * 0.5))
-            inv_tau = tl.where(is_pos, inv_temp, 1.0 / tau)
+        if TAU_POW != 0:
+            v = (1.0 + sc) * 0.5
+            if TAU_POW == 1:
+                v_pow = v
+            elif TAU_POW == 2:
+                v_pow = v * v
+            else:  # v^gamma = exp2(gamma * log2 v); v = 0 -> 0
+                v_pow = tl.exp2(tau_gamma * tl.log2(v))
+            inv_tau = tl.where(is_pos, inv_temp, 1.0 / (tau_min + tau_delta * v_pow))
         else:
             inv_tau = inv_temp
-        x2 = s * (inv_tau * 1.4426950408889634)  # log2(e) folded into the scale
-        if HAS_WEIGHT:
-            # log2 w = gamma * log2((1 - s)/2) = -inf at s = 1: exp2(-inf) = 0, the term vanishes
-            log2_w = weight_gamma * tl.log2((1.0 - sc) * 0.5)
+        z2 = s * (inv_tau * 1.4426950408889634)  # log2(e) folded into the scale
+        if WEIGHT_POW != 0:
+            u = (1.0 - sc) * 0.5  # 0 at s = 1: the term vanishes
+            if WEIGHT_POW == 1:
+                w = u
+            elif WEIGHT_POW == 2:
+                w = u * u
+            else:
+                w = tl.exp2(weight_gamma * tl.log2(u))
             if HAS_NLS:
-                log2_w += nls2[:, None]
-            x2 += tl.where(is_pos, 0.0, log2_w)
+                w = w * neg_scale[:, None]
+            wf = tl.where(is_pos, 1.0, w)
+            z2 = tl.where(wf > 0.0, z2, float("-inf"))
         elif HAS_NLS:
-            x2 += tl.where(is_pos, 0.0, nls2[:, None])
-        x2 = tl.where(offs_m[None, :] < col_end, x2, float("-inf"))
-        return x2, inv_tau
+            wf = tl.where(is_pos, 1.0, neg_scale[:, None])
+            z2 = tl.where(wf > 0.0, z2, float("-inf"))
+        else:
+            wf = 1.0
+        z2 = tl.where(offs_m[None, :] < col_end, z2, float("-inf"))
+        return z2, wf, inv_tau
 
     @triton.jit
     def _fwd_kernel(A, C, POS, NLS, LSE_PART, N, M, D, stride_a, stride_c, cols_per_split,
                     inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
-                    HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr,
+                    WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_FP32: tl.constexpr):
         """One program: BLOCK_N rows x the columns of split pid(1); writes that split's partial lse."""
@@ -245,40 +262,40 @@ if _HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
-        nls2 = tl.load(NLS + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634 if HAS_NLS else 0.0
+        neg_scale = tl.exp(tl.load(NLS + offs_n, mask=mask_n, other=0.0)) if HAS_NLS else 1.0
         a_row_ptrs = A + offs_n.to(tl.int64)[:, None] * stride_a  # int64: N * D may exceed 2^31
         col_start = pid_s * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, M)
         m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max (base 2)
-        l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of exp2(x2 - m_i), fp32
+        l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of wf * exp2(z2 - m_i), fp32
         for start_m in range(col_start, col_end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < col_end
             c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
             s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
                           DOT_FP32, IEEE_FP32)
-            x2, inv_tau = _logits_tile(s, offs_m, col_end, pos, nls2, inv_temp, weight_gamma, tau_min,
-                                       tau_delta, tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
-            m_new = tl.maximum(m_i, tl.max(x2, 1))
+            z2, wf, inv_tau = _family_tile(s, offs_m, col_end, pos, neg_scale, inv_temp, weight_gamma, tau_min,
+                                           tau_delta, tau_gamma, WEIGHT_POW, TAU_POW, HAS_NLS)
+            m_new = tl.maximum(m_i, tl.max(z2, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x2 - m_safe[:, None]), 1)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z2 - m_safe[:, None]) * wf, 1)
             m_i = m_new
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         lse = (m_safe + tl.log2(l_i)) * 0.6931471805599453  # back to natural log; l_i = 0 -> -inf
         tl.store(LSE_PART + pid_s * N + offs_n, lse, mask=mask_n)
 
     @triton.jit
-    def _grad_tile(s, offs_m, col_end, pos, nls2, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
-                   tau_gamma, HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr):
-        """G = g_i * p_ij / tau_ij with p_ij = exp2(x2_ij - lse2_i): d(sum_i g_i lse_i) / d s_ij."""
-        x2, inv_tau = _logits_tile(s, offs_m, col_end, pos, nls2, inv_temp, weight_gamma, tau_min,
-                                   tau_delta, tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
-        return tl.exp2(x2 - lse2[:, None]) * (inv_tau * g[:, None])
+    def _grad_tile(s, offs_m, col_end, pos, neg_scale, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
+                   tau_gamma, WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr):
+        """G = g_i * p_ij / tau_ij with p_ij = wf_ij exp2(z2_ij - lse2_i): d(sum_i g_i lse_i) / d s_ij."""
+        z2, wf, inv_tau = _family_tile(s, offs_m, col_end, pos, neg_scale, inv_temp, weight_gamma, tau_min,
+                                       tau_delta, tau_gamma, WEIGHT_POW, TAU_POW, HAS_NLS)
+        return tl.exp2(z2 - lse2[:, None]) * wf * (inv_tau * g[:, None])
 
     @triton.jit
     def _bwd_da_kernel(A, C, POS, NLS, LSE, GRAD, DA, N, M, D, stride_a, stride_c, stride_da,
                        inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
-                       HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr,
+                       WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DO: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
                        IEEE_FP32: tl.constexpr):
@@ -290,7 +307,7 @@ if _HAS_TRITON:
         offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
         mask_do = offs_do < D
         pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
-        nls2 = tl.load(NLS + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634 if HAS_NLS else 0.0
+        neg_scale = tl.exp(tl.load(NLS + offs_n, mask=mask_n, other=0.0)) if HAS_NLS else 1.0
         lse2 = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
         g = tl.load(GRAD + offs_n, mask=mask_n, other=0.0)
         a_row_ptrs = A + offs_n.to(tl.int64)[:, None] * stride_a
@@ -301,8 +318,8 @@ if _HAS_TRITON:
             c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
             s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
                           DOT_FP32, IEEE_FP32)
-            grad_s = _grad_tile(s, offs_m, M, pos, nls2, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
-                                tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
+            grad_s = _grad_tile(s, offs_m, M, pos, neg_scale, lse2, g, inv_temp, weight_gamma, tau_min,
+                                tau_delta, tau_gamma, WEIGHT_POW, TAU_POW, HAS_NLS)
             c_out = tl.load(C + offs_m.to(tl.int64)[:, None] * stride_c + offs_do[None, :],
                             mask=mask_m[:, None] & mask_do[None, :], other=0.0)
             if DOT_FP32:
@@ -315,7 +332,7 @@ if _HAS_TRITON:
     @triton.jit
     def _bwd_dc_kernel(A, C, POS, NLS, LSE, GRAD, DC, N, M, D, stride_a, stride_c, stride_dc,
                        inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
-                       HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr,
+                       WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DO: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
                        IEEE_FP32: tl.constexpr):
@@ -332,14 +349,14 @@ if _HAS_TRITON:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
-            nls2 = tl.load(NLS + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634 if HAS_NLS else 0.0
+            neg_scale = tl.exp(tl.load(NLS + offs_n, mask=mask_n, other=0.0)) if HAS_NLS else 1.0
             lse2 = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
             g = tl.load(GRAD + offs_n, mask=mask_n, other=0.0)  # masked rows: g = 0 -> no contribution
             a_row_ptrs = A + offs_n.to(tl.int64)[:, None] * stride_a
             s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
                           DOT_FP32, IEEE_FP32)
-            grad_s = _grad_tile(s, offs_m, M, pos, nls2, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
-                                tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
+            grad_s = _grad_tile(s, offs_m, M, pos, neg_scale, lse2, g, inv_temp, weight_gamma, tau_min,
+                                tau_delta, tau_gamma, WEIGHT_POW, TAU_POW, HAS_NLS)
             a_out = tl.load(a_row_ptrs + offs_do[None, :], mask=mask_n[:, None] & mask_do[None, :], other=0.0)
             if DOT_FP32:
                 acc = _dot_acc(tl.trans(grad_s), a_out.to(tl.float32), acc, IEEE_FP32)
@@ -351,7 +368,7 @@ if _HAS_TRITON:
     @triton.jit
     def _bwd_grad_kernel(A, C, POS, NLS, LSE, GRAD, G, N, M, D, stride_a, stride_c, stride_g, row0,
                          inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
-                         HAS_WEIGHT: tl.constexpr, HAS_TAU: tl.constexpr, HAS_NLS: tl.constexpr,
+                         WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                          EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_FP32: tl.constexpr):
         """Stripe mode: one [BLOCK_N, BLOCK_M] tile of G for rows [row0, N) into G[(i - row0), j]."""
@@ -360,15 +377,15 @@ if _HAS_TRITON:
         mask_n = offs_n < N
         mask_m = offs_m < M
         pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
-        nls2 = tl.load(NLS + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634 if HAS_NLS else 0.0
+        neg_scale = tl.exp(tl.load(NLS + offs_n, mask=mask_n, other=0.0)) if HAS_NLS else 1.0
         lse2 = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
         g = tl.load(GRAD + offs_n, mask=mask_n, other=0.0)
         a_row_ptrs = A + offs_n.to(tl.int64)[:, None] * stride_a
         c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
         s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
                       DOT_FP32, IEEE_FP32)
-        grad_s = _grad_tile(s, offs_m, M, pos, nls2, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
-                            tau_gamma, HAS_WEIGHT, HAS_TAU, HAS_NLS)
+        grad_s = _grad_tile(s, offs_m, M, pos, neg_scale, lse2, g, inv_temp, weight_gamma, tau_min, tau_delta,
+                            tau_gamma, WEIGHT_POW, TAU_POW, HAS_NLS)
         g_ptrs = G + (offs_n - row0).to(tl.int64)[:, None] * stride_g + offs_m[None, :]
         tl.store(g_ptrs, grad_s.to(G.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
@@ -376,6 +393,10 @@ if _HAS_TRITON:
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
+# last launched compiled kernel per role (benchmarks read registers / spills from it)
+_COMPILED: dict = {}
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -402,16 +423,23 @@ def default_triton_config(anchors: Tensor, candidates: Tensor) -> dict:
                    grad_block_n=64, grad_block_m=64, grad_block_d=32, grad_warps=4, grad_stages=2,
                    bwd_block_n=64, bwd_block_m=64, bwd_block_d=32, bwd_warps=4, bwd_stages=2)
     else:
-        cfg = dict(fwd_block_n=128, fwd_block_m=128, fwd_block_d=64, fwd_warps=8, fwd_stages=3,
+        # H100 sweep at 16384 x 16384 x 768 (benchmarks/README_kernel.md): 128 x 256 forward tiles best
+        cfg = dict(fwd_block_n=128, fwd_block_m=256, fwd_block_d=64, fwd_warps=8, fwd_stages=3,
                    grad_block_n=128, grad_block_m=128, grad_block_d=64, grad_warps=8, grad_stages=3,
                    bwd_block_n=64, bwd_block_m=64, bwd_block_d=64, bwd_warps=4, bwd_stages=2)
     # fused backward keeps a [64, BLOCK_DO] fp32 accumulator; D above 256 is cheaper as stripes + cuBLAS
-    cfg["bwd_block_do"] = min(max(_next_pow2(dim), 16), 128 if anchors.dtype == torch.float32 else 256)
+    # >= 64: a [64, 32] bf16 accumulator tile gave wrong da with triton 3.6 on an H100 (fp32 was right)
+    cfg["bwd_block_do"] = min(max(_next_pow2(dim), 64), 128 if anchors.dtype == torch.float32 else 256)
     if cfg["bwd_block_do"] >= 128:
         cfg["bwd_warps"] = 8
-    cfg.update(splits=None, fwd_ctas_per_sm=2, bwd_mode="stripe" if dim > 256 else "fused",
-               workspace_bytes=1 << 28)
+    cfg.update(splits=None, fwd_ctas_per_sm=1 if anchors.dtype != torch.float32 else 2,
+               bwd_mode="stripe" if dim > 256 else "fused", workspace_bytes=1 << 28)
     return cfg
+
+
+def _pow_mode(gamma: float) -> int:
+    """Exponent specialisation: 0 (no family), 1 and 2 (multiplies), -1 (exp2/log2)."""
+    return 0 if gamma == 0 else 1 if gamma == 1 else 2 if gamma == 2 else -1
 
 
 def _hyper_args(hp):
@@ -419,7 +447,7 @@ def _hyper_args(hp):
     has_tau = tau_min is not None
     args = (1.0 / temperature, weight_gamma, tau_min if has_tau else 0.0,
             (tau_max - tau_min) if has_tau else 0.0, tau_gamma)
-    flags = dict(HAS_WEIGHT=weight_gamma > 0, HAS_TAU=has_tau)
+    flags = dict(WEIGHT_POW=_pow_mode(weight_gamma), TAU_POW=_pow_mode(tau_gamma) if has_tau else 0)
     return args, flags
 
 
@@ -459,7 +487,7 @@ def _triton_forward(a_ND, c_MD, pos_N, nls_N, hp, cfg) -> Tensor:
     splits = triton.cdiv(n_cols, cols_per_split)
     lse_part = torch.empty((splits, n_rows), dtype=torch.float32, device=a_ND.device)
     hyper, flags = _hyper_args(hp)
-    _fwd_kernel[(row_blocks, splits)](
+    _COMPILED["fwd"] = _fwd_kernel[(row_blocks, splits)](
         a_ND, c_MD, pos_N, nls_N if nls_N is not None else lse_part, lse_part, n_rows, n_cols, dim,
         a_ND.stride(0), c_MD.stride(0), cols_per_split, *hyper, HAS_NLS=nls_N is not None, **flags,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=dim % block_d == 0, **_dot_flags(a_ND),
@@ -484,11 +512,11 @@ def _triton_backward(a_ND, c_MD, pos_N, nls_N, lse_N, grad_N, hp, cfg, need_da, 
                       EVEN_D=dim % block_d == 0, num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
                       **common)
         if need_da:
-            _bwd_da_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(dim, block_do))](
+            _COMPILED["da"] = _bwd_da_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(dim, block_do))](
                 a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, da, n_rows, n_cols, dim, a_ND.stride(0),
                 c_MD.stride(0), da.stride(0), *hyper, **launch)
         if need_dc:
-            _bwd_dc_kernel[(triton.cdiv(n_cols, block_m), triton.cdiv(dim, block_do))](
+            _COMPILED["dc"] = _bwd_dc_kernel[(triton.cdiv(n_cols, block_m), triton.cdiv(dim, block_do))](
                 a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, dc, n_rows, n_cols, dim, a_ND.stride(0),
                 c_MD.stride(0), dc.stride(0), *hyper, **launch)
         return da, dc
@@ -509,7 +537,7 @@ def _triton_backward(a_ND, c_MD, pos_N, nls_N, lse_N, grad_N, hp, cfg, need_da, 
     for row0 in range(0, n_rows, rows_per):
         rows = min(rows_per, n_rows - row0)
         g_RM = workspace[:rows * n_cols].view(rows, n_cols)
-        _bwd_grad_kernel[(triton.cdiv(rows, block_n), triton.cdiv(n_cols, block_m))](
+        _COMPILED["grad"] = _bwd_grad_kernel[(triton.cdiv(rows, block_n), triton.cdiv(n_cols, block_m))](
             a_ND, c_MD, pos_N, nls_arg, lse_N, grad_N, g_RM, row0 + rows, n_cols, dim, a_ND.stride(0),
             c_MD.stride(0), n_cols, row0, *hyper, **launch)
         if need_da:

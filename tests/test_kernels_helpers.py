@@ -15,6 +15,7 @@ CASES = {
     "weight": dict(weight_gamma=1.5),
     "temp": dict(tau_min=0.03, tau_max=0.2, tau_gamma=2.0),
     "weight_temp": dict(weight_gamma=2.0, tau_min=0.02, tau_max=0.1, tau_gamma=1.0),
+    "weight1_temp07": dict(weight_gamma=1.0, tau_min=0.04, tau_max=0.3, tau_gamma=0.7),
     "perm_nls": dict(weight_gamma=0.5, permute=True, neg_log_scale=True),
     "infonce_perm_nls": dict(permute=True, neg_log_scale=True),
 }
