@@ -109,7 +109,9 @@ def _make_accelerator(cfg: TrainConfig):
     from accelerate.utils import InitProcessGroupKwargs
 
     on_cpu = not torch.cuda.is_available()
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    # gloo on CPU; passing a backend to a single process makes Accelerate expect a process group it never starts.
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and expected > 1 else []
     # Accelerate only sees the torchrun world on CPU when told `cpu=True` (PLATFORM.md); a silent
     # single-process run would train on 1/W of the data, so check the world size against the launcher's.
     accelerator = Accelerator(
@@ -118,7 +120,6 @@ def _make_accelerator(cfg: TrainConfig):
         gradient_accumulation_steps=cfg.optim.grad_accum,
         kwargs_handlers=kwargs,
     )
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise RuntimeError(
             f"Accelerate started {accelerator.num_processes} process(es) but the launcher set WORLD_SIZE={expected}"
@@ -393,7 +394,11 @@ def _print_summary(result: TrainResult, output_dir: Path, ui: str) -> None:
     print(
         f"\nDone: {result.step} steps in {result.wall_s / 60:.1f} min. STS-B dev (Spearman x100): "
         f"before {fmt(result.initial_score)}, best {fmt(result.best_score)}.\n"
-        f"Outputs: {output_dir} (best model: {output_dir / 'best'}, sentence-transformers export: {output_dir / 'export'})\n"
+        f"Outputs: {output_dir}"
+        + "".join(f"\n  {label}: {output_dir / name}" for name, label in
+                  (("best", "best model"), ("export", "sentence-transformers export"), ("checkpoints", "checkpoints"))
+                  if (output_dir / name).exists())
+        + "\n"
         f"MLflow run {result.run_id} at {result.tracking_uri}\n  view it: {ui}",
         flush=True,
     )
