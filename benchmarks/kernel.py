@@ -25,18 +25,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.chunked import chunked_sim_softmax_lse  # noqa: E402
-from kernels.sim_softmax import default_triton_config, triton_sim_softmax_lse  # noqa: E402
+from kernels.sim_softmax import _COMPILED, default_triton_config, triton_sim_softmax_lse  # noqa: E402
 
 FAMILIES = {
     "infonce": dict(temperature=0.05),
     "soft": dict(temperature=0.05, weight_gamma=1.0, tau_min=0.03, tau_max=0.1, tau_gamma=1.0),
 }
 DEFAULT_SIZES = "4096x4096,16384x16384,65536x65536,8192x65536"
-# (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages); forward configs also take CTAs per SM for the splits
-FWD_SWEEP = [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 1), (256, 128, 64, 8, 3, 1), (128, 256, 32, 8, 4, 1),
-             (128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 3, 2)]
-GRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3),
-              (128, 128, 64, 8, 4), (128, 128, 32, 8, 5), (64, 256, 64, 8, 3)]
+# (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages); forward configs add (CTAs per SM for splits, flat loop)
+FWD_SWEEP = [(128, 256, 64, 8, 3, 1, False), (128, 256, 64, 8, 3, 1, True), (128, 256, 64, 8, 4, 1, True),
+             (128, 128, 64, 8, 4, 1, True), (128, 128, 64, 4, 3, 2, True), (256, 128, 64, 8, 3, 1, True)]
+GRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+              (64, 256, 64, 8, 3), (128, 128, 64, 4, 4)]
 
 
 def naive_lse(a, c, temperature=0.05, weight_gamma=0.0, tau_min=None, tau_max=None, tau_gamma=1.0):
@@ -84,8 +84,6 @@ def measure(fn, a, c, grad, kwargs, rep_ms):
 
 def compiled_info():
     """{role: (registers, spills)} of the Triton kernels launched last."""
-    from kernels.sim_softmax import _COMPILED
-
     return {k: (getattr(v, "n_regs", None), getattr(v, "n_spills", None)) for k, v in _COMPILED.items()}
 
 
@@ -181,6 +179,7 @@ def main(argv=None):
                     torch._dynamo.reset()
                     fn = torch.compile(naive_lse, dynamic=False)
                 t0 = time.perf_counter()
+                _COMPILED.clear()
                 try:
                     t_fwd, t_fb, peak = measure(fn, a, c, grad, kwargs, args.rep_ms)
                     row.update(fwd_ms=t_fwd, fwd_bwd_ms=t_fb, peak_mib=peak,
@@ -229,15 +228,16 @@ def main(argv=None):
         c.requires_grad_(True)
         grad = torch.randn(n, device="cuda", generator=gen) / n
         plan = [("fwd", cfg, fam) for fam in ("infonce", "soft") for cfg in FWD_SWEEP]
-        plan += [("grad", cfg, "soft") for cfg in GRAD_SWEEP]
+        plan += [("grad", cfg, fam) for fam in ("infonce", "soft") for cfg in GRAD_SWEEP]
         print("sweep at 16384x16384: fwd ms / fwd+bwd ms per config (regs, spills)", flush=True)
         for kind, (bn, bm, bd, warps, stages, *ctas), family in plan:
             if kind == "fwd":
                 cfg = dict(fwd_block_n=bn, fwd_block_m=bm, fwd_block_d=bd, fwd_warps=warps, fwd_stages=stages,
-                           fwd_ctas_per_sm=ctas[0])
+                           fwd_ctas_per_sm=ctas[0], fwd_flat=ctas[1])
             else:
                 cfg = dict(grad_block_n=bn, grad_block_m=bm, grad_block_d=bd, grad_warps=warps, grad_stages=stages)
             entry = dict(kind=kind, family=family, config=cfg)
+            _COMPILED.clear()
             try:
                 t_fwd, t_fb, _ = measure(triton_fn(cfg), a, c, grad, FAMILIES[family], args.rep_ms)
                 entry.update(fwd_ms=t_fwd, fwd_bwd_ms=t_fb, fwd_tflops=2 * n * m * dim / t_fwd / 1e9,

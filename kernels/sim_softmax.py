@@ -181,6 +181,23 @@ if _HAS_TRITON:
         return tl.dot(x, y, acc)  # bf16/fp16 tensor cores (or TF32), fp32 accumulation
 
     @triton.jit
+    def _load_chunk(a_row_ptrs, mask_n, c_col_ptrs, mask_m, k, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                    DOT_FP32: tl.constexpr):
+        """A[rows, k:k+BLOCK_D] ([BLOCK_N, BLOCK_D]) and C[cols, k:k+BLOCK_D]^T ([BLOCK_D, BLOCK_M])."""
+        offs_d = k + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            a = tl.load(a_row_ptrs + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            c = tl.load(c_col_ptrs + offs_d[:, None], mask=mask_m[None, :], other=0.0)
+        else:
+            mask_d = offs_d < D
+            a = tl.load(a_row_ptrs + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            c = tl.load(c_col_ptrs + offs_d[:, None], mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        if DOT_FP32:  # interpreter (bf16 tl.dot is broken there) and fp32 inputs
+            a = a.to(tl.float32)
+            c = c.to(tl.float32)
+        return a, c
+
+    @triton.jit
     def _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
                   IEEE_FP32: tl.constexpr):
@@ -189,20 +206,8 @@ if _HAS_TRITON:
         a_row_ptrs: [BLOCK_N, 1] row starts; c_col_ptrs: [1, BLOCK_M] column starts (stride 1 along D).
         """
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        offs_d = tl.arange(0, BLOCK_D)
         for k in range(0, D, BLOCK_D):
-            if EVEN_D:
-                a = tl.load(a_row_ptrs + (k + offs_d)[None, :], mask=mask_n[:, None], other=0.0)
-                c = tl.load(c_col_ptrs + (k + offs_d)[:, None], mask=mask_m[None, :], other=0.0)
-            else:
-                mask_d = (k + offs_d) < D
-                a = tl.load(a_row_ptrs + (k + offs_d)[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                            other=0.0)
-                c = tl.load(c_col_ptrs + (k + offs_d)[:, None], mask=mask_d[:, None] & mask_m[None, :],
-                            other=0.0)
-            if DOT_FP32:  # interpreter (bf16 tl.dot is broken there) and fp32 inputs
-                a = a.to(tl.float32)
-                c = c.to(tl.float32)
+            a, c = _load_chunk(a_row_ptrs, mask_n, c_col_ptrs, mask_m, k, D, BLOCK_D, EVEN_D, DOT_FP32)
             acc = _dot_acc(a, c, acc, IEEE_FP32)
         return acc
 
@@ -251,12 +256,28 @@ if _HAS_TRITON:
         return z2, wf, inv_tau
 
     @triton.jit
+    def _online_lse(s, m_i, l_i, offs_m, col_end, pos, neg_scale, inv_temp, weight_gamma, tau_min, tau_delta,
+                    tau_gamma, WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr):
+        """Fold one tile into the running base-2 max m_i and fp32 sum l_i = sum wf * exp2(z2 - m_i)."""
+        z2, wf, inv_tau = _family_tile(s, offs_m, col_end, pos, neg_scale, inv_temp, weight_gamma, tau_min,
+                                       tau_delta, tau_gamma, WEIGHT_POW, TAU_POW, HAS_NLS)
+        m_new = tl.maximum(m_i, tl.max(z2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z2 - m_safe[:, None]) * wf, 1)
+        return m_new, l_i
+
+    @triton.jit
     def _fwd_kernel(A, C, POS, NLS, LSE_PART, N, M, D, stride_a, stride_c, cols_per_split,
                     inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
                     WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_FP32: tl.constexpr):
-        """One program: BLOCK_N rows x the columns of split pid(1); writes that split's partial lse."""
+                    EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_FP32: tl.constexpr,
+                    FLAT: tl.constexpr):
+        """One program: BLOCK_N rows x the columns of split pid(1); writes that split's partial lse.
+
+        FLAT runs (column tile, D chunk) pairs as one loop with the epilogue under ``if`` (as Triton's
+        persistent matmul does), so the software pipeline does not drain between column tiles.
+        """
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -268,18 +289,32 @@ if _HAS_TRITON:
         col_end = tl.minimum(col_start + cols_per_split, M)
         m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max (base 2)
         l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of wf * exp2(z2 - m_i), fp32
-        for start_m in range(col_start, col_end, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < col_end
-            c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
-            s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
-                          DOT_FP32, IEEE_FP32)
-            z2, wf, inv_tau = _family_tile(s, offs_m, col_end, pos, neg_scale, inv_temp, weight_gamma, tau_min,
-                                           tau_delta, tau_gamma, WEIGHT_POW, TAU_POW, HAS_NLS)
-            m_new = tl.maximum(m_i, tl.max(z2, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(z2 - m_safe[:, None]) * wf, 1)
-            m_i = m_new
+        if FLAT:
+            k_iters = tl.cdiv(D, BLOCK_D)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for it in range(0, tl.cdiv(col_end - col_start, BLOCK_M) * k_iters):
+                tile = it // k_iters
+                kk = it - tile * k_iters
+                offs_m = col_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < col_end
+                c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
+                a, c = _load_chunk(a_row_ptrs, mask_n, c_col_ptrs, mask_m, kk * BLOCK_D, D, BLOCK_D, EVEN_D,
+                                   DOT_FP32)
+                acc = _dot_acc(a, c, acc, IEEE_FP32)
+                if kk == k_iters - 1:
+                    m_i, l_i = _online_lse(acc, m_i, l_i, offs_m, col_end, pos, neg_scale, inv_temp,
+                                           weight_gamma, tau_min, tau_delta, tau_gamma, WEIGHT_POW, TAU_POW,
+                                           HAS_NLS)
+                    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            for start_m in range(col_start, col_end, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < col_end
+                c_col_ptrs = C + offs_m.to(tl.int64)[None, :] * stride_c
+                s = _sim_tile(a_row_ptrs, mask_n, c_col_ptrs, mask_m, D, BLOCK_N, BLOCK_M, BLOCK_D, EVEN_D,
+                              DOT_FP32, IEEE_FP32)
+                m_i, l_i = _online_lse(s, m_i, l_i, offs_m, col_end, pos, neg_scale, inv_temp, weight_gamma,
+                                       tau_min, tau_delta, tau_gamma, WEIGHT_POW, TAU_POW, HAS_NLS)
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         lse = (m_safe + tl.log2(l_i)) * 0.6931471805599453  # back to natural log; l_i = 0 -> -inf
         tl.store(LSE_PART + pid_s * N + offs_n, lse, mask=mask_n)
@@ -408,7 +443,7 @@ def _next_pow2(x: int) -> int:
 def default_triton_config(anchors: Tensor, candidates: Tensor) -> dict:
     """Block sizes / warps / stages chosen in the launcher (no autotune: it breaks the interpreter).
 
-    Keys: fwd_*, grad_* (stripe-mode G tiles), bwd_* (fused da/dc kernels), splits (None = pick from the
+    Keys: fwd_* (fwd_flat: one flattened tile x D-chunk loop), grad_* (stripe-mode G tiles), bwd_* (fused da/dc kernels), splits (None = pick from the
     SM count and fwd_ctas_per_sm), bwd_mode ("fused" | "stripe"), workspace_bytes (stripe-mode G buffer cap).
     """
     dim = anchors.shape[1]
@@ -417,7 +452,8 @@ def default_triton_config(anchors: Tensor, candidates: Tensor) -> dict:
         return dict(fwd_block_n=16, fwd_block_m=16, fwd_block_d=16, fwd_warps=1, fwd_stages=1,
                     grad_block_n=16, grad_block_m=16, grad_block_d=16, grad_warps=1, grad_stages=1,
                     bwd_block_n=16, bwd_block_m=16, bwd_block_d=16, bwd_block_do=16, bwd_warps=1, bwd_stages=1,
-                    splits=1, fwd_ctas_per_sm=1, bwd_mode="fused", workspace_bytes=1 << 28)
+                    splits=1, fwd_ctas_per_sm=1, fwd_flat=False, bwd_mode="fused",
+                    workspace_bytes=1 << 28)
     if anchors.dtype == torch.float32:
         cfg = dict(fwd_block_n=64, fwd_block_m=64, fwd_block_d=32, fwd_warps=4, fwd_stages=2,
                    grad_block_n=64, grad_block_m=64, grad_block_d=32, grad_warps=4, grad_stages=2,
@@ -432,7 +468,7 @@ def default_triton_config(anchors: Tensor, candidates: Tensor) -> dict:
     cfg["bwd_block_do"] = min(max(_next_pow2(dim), 64), 128 if anchors.dtype == torch.float32 else 256)
     if cfg["bwd_block_do"] >= 128:
         cfg["bwd_warps"] = 8
-    cfg.update(splits=None, fwd_ctas_per_sm=1 if anchors.dtype != torch.float32 else 2,
+    cfg.update(splits=None, fwd_ctas_per_sm=1 if anchors.dtype != torch.float32 else 2, fwd_flat=False,
                bwd_mode="stripe" if dim > 256 else "fused", workspace_bytes=1 << 28)
     return cfg
 
@@ -491,7 +527,7 @@ def _triton_forward(a_ND, c_MD, pos_N, nls_N, hp, cfg) -> Tensor:
         a_ND, c_MD, pos_N, nls_N if nls_N is not None else lse_part, lse_part, n_rows, n_cols, dim,
         a_ND.stride(0), c_MD.stride(0), cols_per_split, *hyper, HAS_NLS=nls_N is not None, **flags,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=dim % block_d == 0, **_dot_flags(a_ND),
-        num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+        FLAT=bool(cfg["fwd_flat"]), num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     # merge the column splits' partial lse (tiny: splits x N); exact for -inf partials
     return lse_part[0] if splits == 1 else torch.logsumexp(lse_part, dim=0)
 

@@ -56,7 +56,7 @@ def _no_tf32_and_quiet():
 
 
 def _config(bwd_mode, splits):
-    cfg = dict(bwd_mode=bwd_mode)
+    cfg = dict(bwd_mode=bwd_mode, fwd_flat=bwd_mode == "stripe")  # both forward loop structures
     if splits is not None:
         cfg["splits"] = splits
     if bwd_mode == "stripe":
