@@ -443,8 +443,9 @@ def _next_pow2(x: int) -> int:
 def default_triton_config(anchors: Tensor, candidates: Tensor) -> dict:
     """Block sizes / warps / stages chosen in the launcher (no autotune: it breaks the interpreter).
 
-    Keys: fwd_* (fwd_flat: one flattened tile x D-chunk loop), grad_* (stripe-mode G tiles), bwd_* (fused da/dc kernels), splits (None = pick from the
-    SM count and fwd_ctas_per_sm), bwd_mode ("fused" | "stripe"), workspace_bytes (stripe-mode G buffer cap).
+    Keys: fwd_* (fwd_flat: one flattened tile x D-chunk loop), grad_* (stripe-mode G tiles), bwd_* (fused
+    da/dc kernels), splits (None = pick from the SM count and fwd_ctas_per_sm), bwd_mode ("fused" |
+    "stripe"), workspace_bytes (stripe-mode G buffer cap).
     """
     dim = anchors.shape[1]
     if _interpreting() or not anchors.is_cuda:
