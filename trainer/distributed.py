@@ -160,3 +160,57 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSpeed through Accelerate (launch_configs/accelerate/deepspeed_zero*.yaml)
+
+
+def deepspeed_requested() -> bool:
+    """True when `accelerate launch` was told to use DeepSpeed (before any Accelerator exists)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def skip_deepspeed_cpu_jit_ops() -> None:
+    """On CPU, stop DeepSpeed from JIT-compiling its shared-memory collective op (~40 s on the first
+    `init_distributed` of every launch); gloo does the collectives instead. Call before `Accelerator()`."""
+    if torch.cuda.is_available() or not deepspeed_requested():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def configure_deepspeed(accelerator: Any, *, micro_batch_size: int, max_grad_norm: float) -> None:
+    """Fill what Accelerate cannot infer for our loop, before `accelerator.prepare`; no-op without DeepSpeed.
+
+    - `train_micro_batch_size_per_gpu: "auto"` is filled from `data.batch_size` (Accelerate reads it from a
+      prepared DataLoader, and the trainer prepares none: `TrainStream` splits ranks itself).
+    - DeepSpeed clips gradients itself by its `gradient_clipping` (the trainer's `clip_grad_norm_` only reads
+      the norm back), and Accelerate fills "auto" with 1.0 whatever the run says. So "auto" takes
+      `optim.max_grad_norm`, and an explicit value must equal it: two different clipping settings for one run
+      are refused instead of one being silently ignored.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    from trainer.errors import UserError
+
+    ds = plugin.deepspeed_config
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    micro = ds.get("train_micro_batch_size_per_gpu", "auto")
+    if micro == "auto":
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+    elif int(micro) != micro_batch_size:
+        raise UserError(
+            f"{source} sets train_micro_batch_size_per_gpu={micro} but data.batch_size={micro_batch_size}; "
+            'set it to "auto" (or make them equal)'
+        )
+    clip = ds.get("gradient_clipping", "auto")
+    if clip == "auto":
+        ds["gradient_clipping"] = float(max_grad_norm)
+    elif float(clip) != float(max_grad_norm):
+        raise UserError(
+            f"{source} sets gradient_clipping={clip} but optim.max_grad_norm={max_grad_norm}; DeepSpeed clips by "
+            f"its own value, so make them equal (optim.max_grad_norm={clip}) or set gradient_clipping to \"auto\""
+        )
