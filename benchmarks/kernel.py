@@ -82,6 +82,18 @@ def measure(fn, a, c, grad, kwargs, rep_ms):
     return t_fwd, t_fb, peak
 
 
+def host_ms(fn, a, c, kwargs, calls=20):
+    """Host time per forward call (launch + Python), no sync inside: near fwd ms means launch-bound."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(calls):
+            fn(a, c, **kwargs)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e3
+
+
 def compiled_info():
     """{role: (registers, spills)} of the Triton kernels launched last."""
     return {k: (getattr(v, "n_regs", None), getattr(v, "n_spills", None)) for k, v in _COMPILED.items()}
@@ -196,6 +208,7 @@ def main(argv=None):
                     naive_fb = row["fwd_bwd_ms"]
                 if method.startswith("triton") and "fwd_ms" in row:
                     row["kernels"] = compiled_info()
+                    row["host_fwd_ms"] = host_ms(fn, a, c, kwargs)
                 if method == "triton" and max(n, m) <= 16384:
                     row["rel_err_vs_fp32"] = accuracy(a, c, grad, kwargs)
                 results["rows"].append(row)
@@ -204,7 +217,8 @@ def main(argv=None):
                     speed = f"{naive_fb / row['fwd_bwd_ms']:7.2f}" if naive_fb else f"{'-':>7}"
                     print(f"{n:>6}x{m:<6} {family:>7} {method:>12} {row['fwd_ms']:8.3f} {row['fwd_tflops']:5.0f} "
                           f"{row['fwd_bwd_ms']:8.3f} {row['fwd_bwd_tflops']:5.0f} {row['peak_mib']:9.0f} {speed}"
-                          f" {row.get('kernels', '')}", flush=True)
+                          f" {row.get('kernels', '')} host {row.get('host_fwd_ms', float('nan')):.3f} ms",
+                          flush=True)
                 else:
                     print(f"{n:>6}x{m:<6} {family:>7} {method:>12} {row['status']}", flush=True)
         # the speed-up column is relative to naive of the same size/family; fill it for rows printed before

@@ -44,6 +44,7 @@ Triton numerics and layout (flash-attention style, nothing of size N x M ever re
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -61,8 +62,11 @@ def triton_available() -> bool:
 # Input checking shared by every backend
 # ----------------------------------------------------------------------------------------------------------
 def _check_inputs(anchors, candidates, *, temperature, weight_gamma, tau_min, tau_max, tau_gamma,
-                  positive_index, neg_log_scale, check_range=True):
-    """Validate shapes and hyper-parameters; return (positive_index, neg_log_scale) materialised."""
+                  positive_index, neg_log_scale, check_range=True, default_index=True):
+    """Validate shapes and hyper-parameters; return (positive_index, neg_log_scale) materialised.
+
+    ``default_index=False`` keeps a None positive_index as None (the Triton kernels use the row index).
+    """
     if not isinstance(anchors, Tensor) or not isinstance(candidates, Tensor):
         raise ValueError("anchors and candidates must be torch.Tensor")
     if anchors.dim() != 2 or candidates.dim() != 2:
@@ -95,7 +99,8 @@ def _check_inputs(anchors, candidates, *, temperature, weight_gamma, tau_min, ta
         if n_cols < n_rows:
             raise ValueError(f"positive_index defaults to arange(N) which needs M >= N; got N={n_rows}, "
                              f"M={n_cols}")
-        positive_index = torch.arange(n_rows, device=anchors.device)
+        if default_index:
+            positive_index = torch.arange(n_rows, device=anchors.device)
     else:
         if not isinstance(positive_index, Tensor) or positive_index.dtype.is_floating_point \
                 or positive_index.dtype == torch.bool:
@@ -105,7 +110,7 @@ def _check_inputs(anchors, candidates, *, temperature, weight_gamma, tau_min, ta
                              f"{tuple(positive_index.shape)}")
         positive_index = positive_index.to(device=anchors.device, dtype=torch.long)
         if check_range:
-            lo, hi = int(positive_index.min()), int(positive_index.max())
+            lo, hi = torch.stack(torch.aminmax(positive_index)).tolist()  # one device sync
             if lo < 0 or hi >= n_cols:
                 raise ValueError(f"positive_index out of range [0, {n_cols}): min {lo}, max {hi}")
     if neg_log_scale is not None:
@@ -269,7 +274,7 @@ if _HAS_TRITON:
     @triton.jit
     def _fwd_kernel(A, C, POS, NLS, LSE_PART, N, M, D, stride_a, stride_c, cols_per_split,
                     inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
-                    WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr,
+                    WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr, HAS_POS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_FP32: tl.constexpr,
                     FLAT: tl.constexpr):
@@ -282,7 +287,7 @@ if _HAS_TRITON:
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
+        pos = tl.load(POS + offs_n, mask=mask_n, other=-1) if HAS_POS else offs_n
         neg_scale = tl.exp(tl.load(NLS + offs_n, mask=mask_n, other=0.0)) if HAS_NLS else 1.0
         a_row_ptrs = A + offs_n.to(tl.int64)[:, None] * stride_a  # int64: N * D may exceed 2^31
         col_start = pid_s * cols_per_split
@@ -330,7 +335,7 @@ if _HAS_TRITON:
     @triton.jit
     def _bwd_da_kernel(A, C, POS, NLS, LSE, GRAD, DA, N, M, D, stride_a, stride_c, stride_da,
                        inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
-                       WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr,
+                       WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr, HAS_POS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DO: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
                        IEEE_FP32: tl.constexpr):
@@ -341,7 +346,7 @@ if _HAS_TRITON:
         mask_n = offs_n < N
         offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
         mask_do = offs_do < D
-        pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
+        pos = tl.load(POS + offs_n, mask=mask_n, other=-1) if HAS_POS else offs_n
         neg_scale = tl.exp(tl.load(NLS + offs_n, mask=mask_n, other=0.0)) if HAS_NLS else 1.0
         lse2 = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
         g = tl.load(GRAD + offs_n, mask=mask_n, other=0.0)
@@ -367,7 +372,7 @@ if _HAS_TRITON:
     @triton.jit
     def _bwd_dc_kernel(A, C, POS, NLS, LSE, GRAD, DC, N, M, D, stride_a, stride_c, stride_dc,
                        inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
-                       WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr,
+                       WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr, HAS_POS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DO: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
                        IEEE_FP32: tl.constexpr):
@@ -383,7 +388,7 @@ if _HAS_TRITON:
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
+            pos = tl.load(POS + offs_n, mask=mask_n, other=-1) if HAS_POS else offs_n
             neg_scale = tl.exp(tl.load(NLS + offs_n, mask=mask_n, other=0.0)) if HAS_NLS else 1.0
             lse2 = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
             g = tl.load(GRAD + offs_n, mask=mask_n, other=0.0)  # masked rows: g = 0 -> no contribution
@@ -403,7 +408,7 @@ if _HAS_TRITON:
     @triton.jit
     def _bwd_grad_kernel(A, C, POS, NLS, LSE, GRAD, G, N, M, D, stride_a, stride_c, stride_g, row0,
                          inv_temp, weight_gamma, tau_min, tau_delta, tau_gamma,
-                         WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr,
+                         WEIGHT_POW: tl.constexpr, TAU_POW: tl.constexpr, HAS_NLS: tl.constexpr, HAS_POS: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                          EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_FP32: tl.constexpr):
         """Stripe mode: one [BLOCK_N, BLOCK_M] tile of G for rows [row0, N) into G[(i - row0), j]."""
@@ -411,7 +416,7 @@ if _HAS_TRITON:
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_n = offs_n < N
         mask_m = offs_m < M
-        pos = tl.load(POS + offs_n, mask=mask_n, other=-1)
+        pos = tl.load(POS + offs_n, mask=mask_n, other=-1) if HAS_POS else offs_n
         neg_scale = tl.exp(tl.load(NLS + offs_n, mask=mask_n, other=0.0)) if HAS_NLS else 1.0
         lse2 = tl.load(LSE + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
         g = tl.load(GRAD + offs_n, mask=mask_n, other=0.0)
@@ -494,6 +499,11 @@ def _dot_flags(a: Tensor) -> dict:
     return dict(DOT_FP32=dot_fp32, IEEE_FP32=ieee)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _choose_splits(row_blocks: int, col_blocks: int, ctas_per_sm: int, n_sm: int) -> int:
     """Column splits so that row_blocks * splits programs fill the GPU's CTA slots with little tail.
 
@@ -519,14 +529,15 @@ def _triton_forward(a_ND, c_MD, pos_N, nls_N, hp, cfg) -> Tensor:
     splits = cfg["splits"]
     if splits is None:
         splits = _choose_splits(row_blocks, triton.cdiv(n_cols, block_m), cfg["fwd_ctas_per_sm"],
-                                torch.cuda.get_device_properties(a_ND.device).multi_processor_count)
+                                _sm_count(a_ND.device.index))
     cols_per_split = triton.cdiv(triton.cdiv(n_cols, splits), block_m) * block_m
     splits = triton.cdiv(n_cols, cols_per_split)
     lse_part = torch.empty((splits, n_rows), dtype=torch.float32, device=a_ND.device)
     hyper, flags = _hyper_args(hp)
     _COMPILED["fwd"] = _fwd_kernel[(row_blocks, splits)](
-        a_ND, c_MD, pos_N, nls_N if nls_N is not None else lse_part, lse_part, n_rows, n_cols, dim,
-        a_ND.stride(0), c_MD.stride(0), cols_per_split, *hyper, HAS_NLS=nls_N is not None, **flags,
+        a_ND, c_MD, pos_N if pos_N is not None else lse_part, nls_N if nls_N is not None else lse_part, lse_part,
+        n_rows, n_cols, dim, a_ND.stride(0), c_MD.stride(0), cols_per_split, *hyper, HAS_NLS=nls_N is not None,
+        HAS_POS=pos_N is not None, **flags,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=dim % block_d == 0, **_dot_flags(a_ND),
         FLAT=bool(cfg["fwd_flat"]), num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     # merge the column splits' partial lse (tiny: splits x N); exact for -inf partials
@@ -537,8 +548,9 @@ def _triton_backward(a_ND, c_MD, pos_N, nls_N, lse_N, grad_N, hp, cfg, need_da, 
     n_rows, dim = a_ND.shape
     n_cols = c_MD.shape[0]
     hyper, flags = _hyper_args(hp)
-    common = dict(HAS_NLS=nls_N is not None, **flags, **_dot_flags(a_ND))
-    nls_arg = nls_N if nls_N is not None else lse_N
+    common = dict(HAS_NLS=nls_N is not None, HAS_POS=pos_N is not None, **flags, **_dot_flags(a_ND))
+    nls_arg = nls_N if nls_N is not None else lse_N  # placeholders for absent optional inputs
+    pos_N = pos_N if pos_N is not None else lse_N
     da = torch.empty_like(a_ND) if need_da else None
     dc = torch.empty_like(c_MD) if need_dc else None
     if cfg["bwd_mode"] == "fused":
@@ -630,7 +642,8 @@ def triton_sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: 
                          "imported")
     pos_N, nls_N = _check_inputs(
         anchors, candidates, temperature=temperature, weight_gamma=weight_gamma, tau_min=tau_min,
-        tau_max=tau_max, tau_gamma=tau_gamma, positive_index=positive_index, neg_log_scale=neg_log_scale)
+        tau_max=tau_max, tau_gamma=tau_gamma, positive_index=positive_index, neg_log_scale=neg_log_scale,
+        default_index=False)
     if anchors.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"backend='triton' supports float32/float16/bfloat16, got {anchors.dtype}")
     cfg = default_triton_config(anchors, candidates)
@@ -641,7 +654,8 @@ def triton_sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: 
         cfg.update(config)
     hp = (float(temperature), float(weight_gamma), None if tau_min is None else float(tau_min),
           None if tau_max is None else float(tau_max), float(tau_gamma))
-    pos_N = pos_N.to(torch.int32).contiguous()  # M < 2^31 columns
+    if pos_N is not None:  # None: positive of row i is column i, computed in-kernel
+        pos_N = pos_N.to(torch.int32).contiguous()  # M < 2^31 columns
     if nls_N is not None:
         nls_N = nls_N.to(torch.float32).contiguous()
     return _TritonSimSoftmaxLSE.apply(anchors, candidates, pos_N, nls_N, hp, cfg)
