@@ -84,12 +84,17 @@ class DataConfig:
     """Corrupt/missing shard policy: `raise` stops with a clear error, `skip` logs, counts and moves on."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Fraternal-view augmentation rates."""
+    shard_size: int = 10_000
+    """Samples per shard when `train` is a text corpus sharded on the fly (rebuilt only when the file's size
+    or mtime changes)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
+        if self.shard_size < 1:
+            raise ConfigError(f"data.shard_size must be >= 1, got {self.shard_size}")
 
 
 @dataclass
