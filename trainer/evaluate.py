@@ -1,0 +1,239 @@
+"""STS evaluation, SentEval protocol: cosine similarity of L2-normalised embeddings, Spearman x 100.
+
+Tasks and their files under `sts_dir` (SentEval's `data/downstream` layout; a `STS/` level is optional):
+- `sts12`..`sts16`: `STS12-en-test/STS.input.<set>.txt` (two tab-separated sentences a line) beside
+  `STS.gs.<set>.txt` (one gold score a line; an empty gold line means the pair is skipped). Any folder named
+  `STS12*` is accepted, so an excerpt folder works too.
+- `stsb_dev`, `stsb_test`: `STSBenchmark/sts-{dev,test}.csv`, split on TABS (score = column 5, sentences = 6, 7).
+- `sickr_trial`, `sickr_test`: `SICK/SICK_{trial,test_annotated|test}.txt` (header row; relatedness column).
+
+Aggregation for STS12-16 (several sets a year): "all" (default, SimCSE's setting) is ONE Spearman over the
+concatenated pairs of every set of the year; "wmean" is the mean of per-set Spearmans weighted by pair count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+STS_YEARS = ("sts12", "sts13", "sts14", "sts15", "sts16")
+TASKS = STS_YEARS + ("stsb_dev", "stsb_test", "sickr_trial", "sickr_test")
+
+
+@dataclass
+class PairSet:
+    """One file's sentence pairs with gold scores."""
+
+    name: str
+    left: list[str]
+    right: list[str]
+    gold: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Readers
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def _senteval_sets(folder: Path) -> list[PairSet]:
+    sets = []
+    for inp in sorted(folder.glob("STS.input.*.txt")):
+        name = inp.name[len("STS.input.") : -len(".txt")]
+        gs = folder / f"STS.gs.{name}.txt"
+        if not gs.is_file():
+            log.warning("%s has no gold file %s; skipped", inp, gs.name)
+            continue
+        pairs, golds = _read_lines(inp), _read_lines(gs)
+        left, right, gold = [], [], []
+        for pair, score in zip(pairs, golds):
+            if not score.strip():  # SentEval: an empty gold line means the pair is not scored
+                continue
+            a, b = pair.split("\t")[:2]
+            left.append(a)
+            right.append(b)
+            gold.append(float(score))
+        sets.append(PairSet(name, left, right, np.asarray(gold)))
+    return sets
+
+
+def _stsb(path: Path) -> list[PairSet]:
+    left, right, gold = [], [], []
+    for line in _read_lines(path):
+        cols = line.split("\t")
+        if len(cols) < 7:
+            continue
+        gold.append(float(cols[4]))
+        left.append(cols[5])
+        right.append(cols[6])
+    return [PairSet(path.stem, left, right, np.asarray(gold))]
+
+
+def _sick(path: Path) -> list[PairSet]:
+    lines = _read_lines(path)
+    header = lines[0].split("\t")
+    ia, ib, iscore = header.index("sentence_A"), header.index("sentence_B"), header.index("relatedness_score")
+    left, right, gold = [], [], []
+    for line in lines[1:]:
+        cols = line.split("\t")
+        if len(cols) > max(ia, ib, iscore):
+            left.append(cols[ia])
+            right.append(cols[ib])
+            gold.append(float(cols[iscore]))
+    return [PairSet(path.stem, left, right, np.asarray(gold))]
+
+
+def _find(sts_dir: Path, *candidates: str) -> Optional[Path]:
+    for root in (sts_dir, sts_dir / "STS"):
+        for pattern in candidates:
+            found = sorted(root.glob(pattern))
+            if found:
+                return found[0]
+    return None
+
+
+def load_task(sts_dir: str | Path, task: str) -> Optional[list[PairSet]]:
+    """The pair sets of `task`, or None when its files are not under `sts_dir`."""
+    sts_dir = Path(sts_dir)
+    if task in STS_YEARS:
+        folder = _find(sts_dir, f"STS{task[3:]}-en-test", f"STS{task[3:]}*")
+        sets = _senteval_sets(folder) if folder and folder.is_dir() else []
+        return sets or None
+    if task.startswith("stsb_"):
+        path = _find(sts_dir, f"STSBenchmark/sts-{task[5:]}.csv")
+        return _stsb(path) if path else None
+    if task.startswith("sickr_"):
+        split = task[6:]
+        path = _find(sts_dir, f"SICK/SICK_{split}_annotated.txt", f"SICK/SICK_{split}.txt")
+        return _sick(path) if path else None
+    raise UserError(f"unknown STS task {task!r}; choose from {', '.join(TASKS)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def spearman100(pred: np.ndarray, gold: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(pred, gold).correlation * 100.0)
+
+
+def _cosine(model, left: list[str], right: list[str], cache: dict, batch_size: int, progress: bool) -> np.ndarray:
+    missing = list(dict.fromkeys(s for s in left + right if s not in cache))
+    if missing:
+        emb = model.encode(missing, batch_size=batch_size, progress=progress)
+        emb = np.asarray(emb.float().numpy() if hasattr(emb, "numpy") else emb, dtype=np.float64)
+        # Normalise again in float64: cosine must not depend on the encoder's own normalisation.
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
+        cache.update(zip(missing, emb))
+    a = np.stack([cache[s] for s in left])
+    b = np.stack([cache[s] for s in right])
+    return (a * b).sum(1)
+
+
+def score_sets(sets: list[PairSet], sims: list[np.ndarray], aggregation: str = "all") -> float:
+    """Spearman x100 of a task: one correlation over all pairs ("all") or the pair-weighted mean ("wmean")."""
+    if aggregation == "all":
+        return spearman100(np.concatenate(sims), np.concatenate([s.gold for s in sets]))
+    if aggregation == "wmean":
+        sizes = np.array([len(s.gold) for s in sets], dtype=np.float64)
+        scores = np.array([spearman100(p, s.gold) for p, s in zip(sims, sets)])
+        return float((scores * sizes).sum() / sizes.sum())
+    raise UserError(f"aggregation must be 'all' or 'wmean', got {aggregation!r}")
+
+
+def _load_model(model_or_path, pooling: Optional[str]):
+    if not isinstance(model_or_path, (str, Path)) and hasattr(model_or_path, "encode"):
+        return model_or_path
+    from trainer.model import SentenceEncoder
+
+    return SentenceEncoder.load(model_or_path, pooler=pooling)
+
+
+def evaluate_sts(
+    model_or_path,
+    sts_dir: str | Path,
+    *,
+    tasks: Optional[Sequence[str]] = None,
+    pooling: Optional[str] = None,
+    batch_size: int = 128,
+    progress: bool = True,
+    aggregation: str = "all",
+) -> dict[str, float]:
+    """Spearman x100 per task. `model_or_path`: a `SentenceEncoder` (anything with `.encode`), a checkpoint or
+    export folder, or an HF name. Tasks whose files are missing are reported and left out of the result."""
+    sts_dir = Path(sts_dir)
+    if not sts_dir.is_dir():
+        raise UserError(f"STS folder not found: {sts_dir}")
+    tasks = list(tasks or TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UserError(f"unknown STS task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    model = _load_model(model_or_path, pooling)
+    results: dict[str, float] = {}
+    cache: dict = {}
+    for task in tasks:
+        sets = load_task(sts_dir, task)
+        if not sets:
+            log.warning("STS task %s: no files under %s; skipped", task, sts_dir)
+            continue
+        sims = [_cosine(model, s.left, s.right, cache, batch_size, progress) for s in sets]
+        results[task] = score_sets(sets, sims, aggregation if task in STS_YEARS else "all")
+    return results
+
+
+def format_table(results: dict[str, float]) -> str:
+    rows = list(results.items())
+    if len(rows) > 1:
+        rows.append(("avg", float(np.mean(list(results.values())))))
+    width = max([len(k) for k, _ in rows] + [4])
+    lines = [f"| {'task':<{width}} | Spearman x100 |", f"|{'-' * (width + 2)}|---------------|"]
+    lines += [f"| {k:<{width}} | {v:13.2f} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint / best / export folder, or an HF model name")
+    parser.add_argument("--sts-dir", required=True, help="SentEval-layout folder (STSBenchmark/, SICK/, STS12-en-test/ ...)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="default: every task found")
+    parser.add_argument("--pooling", choices=("cls", "mean", "cls_mlp"), help="override the saved pooler")
+    parser.add_argument("--aggregation", choices=("all", "wmean"), default="all", help="STS12-16 aggregation")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--output", help="JSON file for the results (default: <model>/sts_results.json if a folder)")
+
+
+def run(args: argparse.Namespace) -> int:
+    results = evaluate_sts(
+        args.model,
+        args.sts_dir,
+        tasks=args.tasks,
+        pooling=args.pooling,
+        batch_size=args.batch_size,
+        aggregation=args.aggregation,
+    )
+    if not results:
+        raise UserError(f"no STS task files found under {args.sts_dir}")
+    print(format_table(results))
+    output = Path(args.output) if args.output else (Path(args.model) / "sts_results.json" if Path(args.model).is_dir() else None)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2))
+        print(f"wrote {output}")
+    return 0
+
