@@ -129,6 +129,9 @@ class SentenceEncoder(nn.Module):
     ) -> "SentenceEncoder":
         """Load from a save() folder, a checkpoint folder (`model/` inside), an ST/HF folder or an HF name."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-file "Loading weights" bars bury the training progress bar
 
         source = resolve_model_path(str(path_or_name))
         folder = Path(source)
