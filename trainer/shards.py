@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import struct
 import zlib
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -130,6 +131,10 @@ def _write_shard(output_dir: str, shard_index: int, first_index: int, texts: lis
 _META_RE = re.compile(r"__[^/]*__($|/)")
 
 
+# name, size, typeflag, magic, prefix: the ustar header fields a reader needs, in one C call per member
+_HEADER = struct.Struct("100s24x12s20xc100x5s83x155s12x")
+
+
 def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
         return int.from_bytes(field[1:], "big")
@@ -158,8 +163,9 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
             if pos == len(buf):
                 return  # archive without an end marker: tolerated, as tarfile does
             raise ShardError(shard, "truncated tar (partial header at end of file)")
-        header = buf[pos:end]
-        if header[257:262] != b"ustar":
+        name_field, size_field, kind, magic, prefix = _HEADER.unpack_from(buf, pos)
+        if magic != b"ustar":
+            header = buf[pos:end]
             if header.count(0) == _BLOCK:
                 return  # end-of-archive marker
             # Pre-POSIX archives have no magic; then the checksum is the only integrity check there is.
@@ -170,7 +176,7 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
             if not ok:
                 raise ShardError(shard, "corrupt tar header (bad checksum)")
         try:
-            size = _octal(header[124:136])
+            size = _octal(size_field)
         except ValueError:
             raise ShardError(shard, "corrupt tar header (bad size field)") from None
         pos = end
@@ -182,14 +188,12 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
             raise ShardError(shard, f"truncated tar (member data ends after {len(buf) - pos} of {size} bytes)")
         data = buf[pos:end]
         pos = end + (-size % _BLOCK)
-        kind = header[156:157]
         if kind == b"0" or kind == b"\0" or kind == b"7":
             name = pax_name or long_name
             if name is None:
-                nul = header.find(0, 0, 100)
-                name = header[: nul if nul >= 0 else 100].decode("utf-8", "surrogateescape")
-                if header[345] and header[257:262] == b"ustar":
-                    name = _cstr(header[345:500]) + "/" + name
+                name = name_field.partition(b"\0")[0].decode("utf-8", "surrogateescape")
+                if magic == b"ustar" and prefix[0]:
+                    name = _cstr(prefix) + "/" + name
             long_name = pax_name = None
             yield name, data
         elif kind == b"L":  # GNU long name for the next member
