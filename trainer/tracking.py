@@ -149,3 +149,89 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call(lambda: self._client.set_terminated(self.run_id, status), {"op": "finish", "status": status})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading runs back (for `trainer compare`)
+
+
+def uri_from_location(location: str) -> str:
+    """A tracking URI from a URI, a `mlflow.db` file, or a run's output folder holding one."""
+    if "://" in location or location.startswith(("sqlite:", "file:", "databricks")):
+        return location
+    path = Path(location)
+    if path.is_dir() and (path / "mlflow.db").is_file():
+        path = path / "mlflow.db"
+    if path.is_file():
+        return f"sqlite:///{path.resolve()}"
+    from trainer.errors import UserError
+
+    raise UserError(f"no MLflow store at {location} (give a tracking URI, a mlflow.db file or a run folder)")
+
+
+def list_runs(experiment: str, uri: str) -> list[dict]:
+    """Every run of `experiment`: {run_id, name, status, start_time, params, metrics (latest values)}."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.errors import UserError
+
+    _quiet_mlflow()
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as exc:  # noqa: BLE001 - an unreachable server is a user-facing condition
+        raise UserError(f"cannot reach MLflow at {uri}: {str(exc).splitlines()[0][:200]}") from None
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise UserError(f"no experiment {experiment!r} at {uri} (found: {', '.join(names) or 'none'})")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=10000)
+    return [
+        {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "start_time": r.info.start_time,
+            "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics),
+        }
+        for r in runs
+    ]
+
+
+def metric_history(run_id: str, key: str, uri: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric of one run, in step order."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
+    return sorted((int(m.step), float(m.value)) for m in history)
+
+
+def replay_fallback(output_dir: str | Path, uri: str) -> int:
+    """Send what `mlflow_fallback.jsonl` holds (metrics, params, tags) to `uri`; returns records sent."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    path = Path(output_dir) / FALLBACK_FILE
+    if not path.is_file():
+        return 0
+    client = MlflowClient(tracking_uri=uri)
+    sent = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        run_id = rec.get("run_id")
+        if not run_id:
+            continue
+        ms = int(rec["time"] * 1000)
+        if rec["op"] == "metrics":
+            client.log_batch(run_id, metrics=[Metric(k, v, ms, rec["step"]) for k, v in rec["metrics"].items()])
+        elif rec["op"] == "params":
+            client.log_batch(run_id, params=[Param(k, v) for k, v in rec["params"].items()])
+        elif rec["op"] == "tags":
+            for k, v in rec["tags"].items():
+                client.set_tag(run_id, k, v)
+        elif rec["op"] == "finish":
+            client.set_terminated(run_id, rec["status"])
+        else:
+            continue
+        sent += 1
+    return sent

@@ -1,0 +1,46 @@
+import csv
+
+import pytest
+
+from trainer.compare import compare
+from trainer.config import TrackingConfig
+from trainer.errors import UserError
+from trainer.tracking import Tracker, uri_from_location
+
+
+def _fake_run(tmp_path, name, loss_name, scores, **params):
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="cmp", run_name=name)
+    tracker = Tracker(cfg, tmp_path / name, active=True)
+    tracker.log_params({"loss.name": loss_name, "optim.lr": 1e-5, "global_batch": 64, **params})
+    for step in range(1, 11):
+        tracker.log_metrics({"train/loss": 3.0 / step, "throughput/sentences_per_s": 100.0}, step)
+    for step, score in zip((0, 5, 10), scores):
+        tracker.log_metrics({"eval/stsb_dev": score}, step)
+    tracker.log_metrics({"sts/stsb_dev": max(scores), "sts/sickr_trial": 70.0}, 0)
+    tracker.finish()
+    return cfg.uri
+
+
+def test_compare_table_csv_and_plots(tmp_path):
+    uri = _fake_run(tmp_path, "a", "infonce", [80.0, 82.5, 81.0])
+    _fake_run(tmp_path, "b", "softcse", [80.0, 79.0, 83.25], **{"loss.softcse_mode": "temperature"})
+    table, files = compare("cmp", uri, tmp_path / "out")
+    lines = table.splitlines()
+    assert len(lines) == 4 and "softcse-temperature" in table
+    row_a = lines[2].split("|")
+    assert " 81.00 " in row_a and " 82.50 " in row_a  # final and best
+    names = {f.name for f in files}
+    assert {"runs.md", "runs.csv", "loss.png", "stsb_dev.png", "sts_tasks.png"} <= names
+    for f in files:
+        assert f.stat().st_size > 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "runs.csv")))
+    assert [r["run"] for r in rows] == ["a", "b"] and rows[1]["STS-B dev best"] == "83.25"
+
+
+def test_compare_errors(tmp_path):
+    uri = _fake_run(tmp_path, "a", "infonce", [1.0, 2.0, 3.0])
+    with pytest.raises(UserError, match="no experiment"):
+        compare("nope", uri, tmp_path / "out")
+    assert uri_from_location(str(tmp_path)) == uri
+    with pytest.raises(UserError, match="no MLflow store"):
+        uri_from_location(str(tmp_path / "missing"))
