@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 from tests.helpers import WORDS, write_corpus, write_vocab
 from trainer.config import DataConfig
 from trainer.data import TrainStream, _HFEncoder, _PROBES, _WordPieceEncoder, make_batch_encoder

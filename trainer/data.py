@@ -19,6 +19,13 @@ Resume: `state_dict()` is (epoch, batches the consumer has taken in it), the sam
 Exact resume needs the same world size, workers, batch size, shuffle buffer and shards; otherwise the
 position is carried over approximately (same epoch, same fraction) with a warning.
 
+Sources (`DataConfig.train`): a shard folder with manifest.json; a glob / brace list of .tar files (counts from a
+manifest beside them, else one read each, cached in work_dir/shard_counts.json); webdataset URLs (`pipe:...`,
+http(s), ...; brace-expanded and opened by webdataset's `expand_urls` / `gopen`), or one URL naming a
+manifest.json, whose shard URLs are the same URL with the shard's name; a text / .gz / jsonl corpus, sharded
+once into work_dir/shards. Tar parsing is our own streaming reader (trainer.shards): it skips samples without
+decoding them and reports truncation, which the exact split and the bad-shard policy need.
+
 Bad shards (`on_error`): missing, empty or truncated (size differs from manifest.json) shards are found when
 the stream is built; `raise` stops with a UserError naming the shard, `skip` logs, records it in
 `skipped_shards` and leaves it out (the split stays exact over the rest). A shard that fails only while being
@@ -67,7 +74,6 @@ Arrays = dict[str, np.ndarray]
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _STATE_VERSION = 1
-_LAYOUT_KEYS = ("seed", "world_size", "num_workers", "batch_size", "shuffle_buffer", "resample", "num_samples")
 
 
 @dataclass(frozen=True)
@@ -92,8 +98,12 @@ def _locked(work_dir: Path) -> Iterator[None]:
     """Serialise on-the-fly sharding and counting between the ranks sharing `work_dir`."""
     import fcntl
 
-    work_dir.mkdir(parents=True, exist_ok=True)
-    with open(work_dir / ".data.lock", "a+") as fh:
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(work_dir / ".data.lock", "a+")
+    except OSError as exc:
+        raise UserError(f"cannot use {work_dir} for shards and shard counts: {exc.strerror or exc}") from None
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -482,7 +492,8 @@ _PROBES = [
 
 def make_batch_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], Arrays]:
     """A function `texts -> {input_ids, attention_mask[, token_type_ids]}` (int64 numpy arrays, right-padded
-    to the longest row, truncated at max_length) equal to `tokenizer(texts, padding="longest", truncation=True, ...)`; the
+    to the longest row, truncated at max_length) equal to
+    `tokenizer(texts, padding="longest", truncation=True, max_length=max_length)`; the
     fast WordPiece path is used only for BERT-style tokenizers and only after matching the tokenizer's own
     output on a set of probe sentences."""
     reference = _HFEncoder(tokenizer, max_length)
@@ -635,7 +646,8 @@ class TrainStream:
             with contextlib.suppress(Exception):  # a pipe closed early exits with SIGPIPE; read errors came first
                 stream.close()
         if seen < hi:
-            raise ShardError(shard.name, f"ends after {seen} samples, expected {shard.num_samples} (truncated or changed)")
+            reason = f"ends after {seen} samples, expected {shard.num_samples} (truncated or changed)"
+            raise ShardError(shard.name, reason)
 
     def _samples(self, plan: _EpochPlan, start: int, count: int, notices: list[dict]) -> Iterator[tuple[str, str]]:
         """Exactly `count` samples from global index `start` on (topped up from other shards under skip)."""
