@@ -62,6 +62,11 @@ class Tracker:
         if not self.active:
             return
         _quiet_mlflow()
+        # MLflow's HTTP client retries a dead server with exponential backoff for minutes per call; training
+        # must not stall that long, and after the first failure everything goes to the local fallback anyway.
+        for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                           ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+            os.environ.setdefault(key, value)
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
