@@ -44,3 +44,34 @@ def test_compare_errors(tmp_path):
     assert uri_from_location(str(tmp_path)) == uri
     with pytest.raises(UserError, match="no MLflow store"):
         uri_from_location(str(tmp_path / "missing"))
+
+
+def test_compare_merges_the_stores_of_several_run_folders(tmp_path):
+    from trainer.compare import stores
+
+    _fake_run(tmp_path / "r1", "a", "infonce", [1.0, 2.0, 3.0])
+    _fake_run(tmp_path / "r2", "b", "iftcl", [1.0, 2.0, 4.0])
+    uris = stores(str(tmp_path))
+    assert len(uris) == 2
+    table, _ = compare("cmp", uris, tmp_path / "out")
+    assert "| a |" in table and "| b |" in table and "iftcl" in table
+
+
+def test_replay_creates_a_run_that_could_not_be_started(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking import FALLBACK_FILE, replay_fallback
+
+    dead = TrackingConfig(uri="http://127.0.0.1:9", experiment="offline")  # nothing listens on port 9
+    tracker = Tracker(dead, tmp_path / "run", active=True)
+    assert tracker.degraded and tracker.run_id is None
+    tracker.log_params({"optim.lr": 1e-5})
+    tracker.log_metrics({"train/loss": 2.0}, 1)
+    tracker.finish()
+    uri = f"sqlite:///{tmp_path / 'later.db'}"
+    assert replay_fallback(tmp_path / "run", uri) == 4
+    assert not (tmp_path / "run" / FALLBACK_FILE).exists()
+    assert replay_fallback(tmp_path / "run", uri) == 0
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("offline").experiment_id])
+    assert run.data.metrics["train/loss"] == 2.0 and run.info.status == "FINISHED"

@@ -16,7 +16,7 @@ WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
 class BagOfWords:
     """A deterministic encoder whose cosine we can compute by hand."""
 
-    def encode(self, sentences, batch_size=128, progress=False):
+    def encode(self, sentences, batch_size=128):
         out = torch.zeros(len(sentences), len(WORDS), dtype=torch.float64)
         for i, s in enumerate(sentences):
             for w in s.split():
@@ -74,7 +74,7 @@ def test_missing_tasks_reported_not_fatal_and_bad_input(tmp_path, caplog):
 
 
 class BagOfWordsStsb:
-    def encode(self, sentences, batch_size=128, progress=False):
+    def encode(self, sentences, batch_size=128):
         return torch.nn.functional.normalize(torch.tensor([[len(s), s.count("e") + 1.0] for s in sentences]), dim=1)
 
 

@@ -43,10 +43,21 @@ def _fmt(value, digits: int = 2) -> str:
     return "" if value is None else f"{float(value):.{digits}f}"
 
 
+def stores(location: str) -> list[str]:
+    """Tracking URIs for a URI, a mlflow.db, a run folder, or a folder of run folders (each its own store)."""
+    path = Path(location)
+    if "://" not in location and path.is_dir() and not (path / "mlflow.db").is_file():
+        found = sorted(path.glob("**/mlflow.db"))
+        if found:
+            return [tracking.uri_from_location(str(p)) for p in found]
+    return [tracking.uri_from_location(location)]
+
+
 def collect(experiment: str, uri: str) -> list[dict]:
     """Runs with their histories of train/loss and eval/stsb_dev attached."""
     runs = tracking.list_runs(experiment, uri)
     for run in runs:
+        run["uri"] = uri
         run["loss"] = tracking.metric_history(run["run_id"], "train/loss", uri)
         run["stsb"] = tracking.metric_history(run["run_id"], "eval/stsb_dev", uri)
         run["final"] = run["stsb"][-1][1] if run["stsb"] else None
@@ -116,10 +127,18 @@ def plot(runs: list[dict], output: Path, experiment: str) -> list[Path]:
     return written
 
 
-def compare(experiment: str, uri: str, output: str | Path) -> tuple[str, list[Path]]:
-    runs = collect(experiment, uri)
+def compare(experiment: str, uri: str | list[str], output: str | Path) -> tuple[str, list[Path]]:
+    uris = [uri] if isinstance(uri, str) else list(uri)
+    runs: list[dict] = []
+    errors = []
+    for one in uris:  # runs of the same experiment may live in several embedded stores: merge them
+        try:
+            runs += collect(experiment, one)
+        except UserError as exc:
+            errors.append(str(exc))
     if not runs:
-        raise UserError(f"experiment {experiment!r} at {uri} has no runs")
+        raise UserError(errors[0] if len(uris) == 1 and errors else f"experiment {experiment!r} has no runs in {', '.join(uris)}")
+    runs.sort(key=lambda r: r["start_time"] or 0)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
@@ -133,7 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument(
         "--tracking-uri",
-        help="tracking URI (http://..., sqlite:///...), a mlflow.db file or a run folder; default $MLFLOW_TRACKING_URI",
+        help="tracking URI (http://..., sqlite:///...), a mlflow.db file, a run folder, or a folder of run "
+        "folders (their stores are merged); default $MLFLOW_TRACKING_URI",
     )
     parser.add_argument("--output", default=None, help="folder for runs.md, runs.csv and the PNGs (default compare/<experiment>)")
 
@@ -142,8 +162,7 @@ def run(args: argparse.Namespace) -> int:
     location = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not location:
         raise UserError("give --tracking-uri (a server URI, a mlflow.db file or a run folder) or set MLFLOW_TRACKING_URI")
-    uri = tracking.uri_from_location(location)
-    table, files = compare(args.experiment, uri, args.output or Path("compare") / args.experiment)
+    table, files = compare(args.experiment, stores(location), args.output or Path("compare") / args.experiment)
     print(table)
     print("\nwrote " + ", ".join(str(f) for f in files))
     return 0

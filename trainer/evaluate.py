@@ -132,12 +132,17 @@ def spearman100(pred: np.ndarray, gold: np.ndarray) -> float:
 
 def _cosine(model, left: list[str], right: list[str], cache: dict, batch_size: int, progress: bool) -> np.ndarray:
     missing = list(dict.fromkeys(s for s in left + right if s not in cache))
-    if missing:
-        emb = model.encode(missing, batch_size=batch_size, progress=progress)
+    from tqdm.auto import tqdm
+
+    # Chunks of a few batches give a progress bar without asking the encoder for one (any `.encode` works).
+    chunk = batch_size * 8
+    for start in tqdm(range(0, len(missing), chunk), desc="encode", disable=not progress, leave=False):
+        part = missing[start : start + chunk]
+        emb = model.encode(part, batch_size=batch_size)
         emb = np.asarray(emb.float().numpy() if hasattr(emb, "numpy") else emb, dtype=np.float64)
         # Normalise again in float64: cosine must not depend on the encoder's own normalisation.
         emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
-        cache.update(zip(missing, emb))
+        cache.update(zip(part, emb))
     a = np.stack([cache[s] for s in left])
     b = np.stack([cache[s] for s in right])
     return (a * b).sum(1)

@@ -212,7 +212,9 @@ def metric_history(run_id: str, key: str, uri: str) -> list[tuple[int, float]]:
 
 
 def replay_fallback(output_dir: str | Path, uri: str) -> int:
-    """Send what `mlflow_fallback.jsonl` holds (metrics, params, tags) to `uri`; returns records sent."""
+    """Send what `mlflow_fallback.jsonl` holds to `uri`; returns the records sent. A run that could not even be
+    created while the server was down is created now (from the spooled `start` record). The file is renamed
+    to `.replayed` afterwards, so a second call sends nothing twice."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -220,23 +222,46 @@ def replay_fallback(output_dir: str | Path, uri: str) -> int:
     if not path.is_file():
         return 0
     client = MlflowClient(tracking_uri=uri)
+    created: Optional[str] = None  # the run made here for records spooled with run_id None
     sent = 0
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        run_id = rec.get("run_id")
-        if not run_id:
+        op = rec["op"]
+        if op == "start":
+            if rec.get("run_id") is None:
+                exp = client.get_experiment_by_name(rec["experiment"])
+                exp_id = exp.experiment_id if exp else client.create_experiment(rec["experiment"])
+                created = client.create_run(exp_id, run_name=rec.get("run_name")).info.run_id
+                sent += 1
+            continue
+        run_id = rec.get("run_id") or created
+        if run_id is None:
             continue
         ms = int(rec["time"] * 1000)
-        if rec["op"] == "metrics":
+        if op == "metrics":
             client.log_batch(run_id, metrics=[Metric(k, v, ms, rec["step"]) for k, v in rec["metrics"].items()])
-        elif rec["op"] == "params":
-            client.log_batch(run_id, params=[Param(k, v) for k, v in rec["params"].items()])
-        elif rec["op"] == "tags":
+        elif op == "params":
+            items = [Param(k, v) for k, v in rec["params"].items()]
+            for i in range(0, len(items), 100):
+                client.log_batch(run_id, params=items[i : i + 100])
+        elif op == "tags":
             for k, v in rec["tags"].items():
                 client.set_tag(run_id, k, v)
-        elif rec["op"] == "finish":
+        elif op == "text":
+            client.log_text(run_id, rec["text"], rec["file"])
+        elif op == "artifact":
+            artifact = Path(rec["path"])
+            if artifact.is_dir():
+                client.log_artifacts(run_id, str(artifact), rec.get("artifact_path"))
+            elif artifact.is_file():
+                client.log_artifact(run_id, str(artifact), rec.get("artifact_path"))
+            else:
+                log.warning("fallback replay: %s no longer exists; artifact not sent", artifact)
+                continue
+        elif op == "finish":
             client.set_terminated(run_id, rec["status"])
         else:
             continue
         sent += 1
+    path.rename(path.with_suffix(".jsonl.replayed"))
     return sent
