@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Accelerate logs every file of every checkpoint at INFO; keep the console for progress and results.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     from trainer.errors import UserError
 
     try:

@@ -299,8 +299,8 @@ def train(
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step}")
             result.losses.append((step, loss_value))
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % cfg.log_every == 0 or step == cfg.optim.max_steps:
                 elapsed = time.perf_counter() - window_t0
                 mean_loss = dist.all_reduce_mean(torch.stack(window_loss).mean()).item()
