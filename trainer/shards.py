@@ -530,7 +530,6 @@ def build_shards(
             entries.append(pending.popleft().result())
 
     try:
-        done_bytes = 0
         for path in files:
             cleaner = _Cleaner(jsonl=field is not None or _is_jsonl(path), field=field or "text", dedup=dedup,
                                min_chars=min_chars, max_chars=max_chars)
@@ -544,8 +543,8 @@ def build_shards(
                     flush(buffer[:shard_size])
                     del buffer[:shard_size]
                 bar.update(consumed - last)
+                bar.set_postfix(sentences=num_samples + len(buffer), refresh=False)
                 last = consumed
-            done_bytes += last
         if buffer:
             flush(buffer)
         while pending:
