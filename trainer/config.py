@@ -69,9 +69,9 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     train: str = ""
-    """Training data: a shard folder (with manifest.json), a glob or brace pattern of .tar shards, a
-    webdataset URL (`pipe:...`), or a plain text file (one sentence a line) which is sharded on the fly
-    into `<output_dir>/shards`."""
+    """Training data: a shard folder (with manifest.json), a glob or brace pattern of .tar shards, webdataset
+    URLs (`pipe:...`, http(s); `::`-separated; or one URL naming a manifest.json beside the shards), or a text /
+    .gz / jsonl corpus (file or glob) which is sharded on the fly into `<output_dir>/shards`."""
     batch_size: int = 64
     """Sentences per process per micro-batch (B_local). Global batch = batch_size x processes."""
     shuffle_buffer: int = 1000
