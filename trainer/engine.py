@@ -399,6 +399,6 @@ def _print_summary(result: TrainResult, output_dir: Path, ui: str) -> None:
                   (("best", "best model"), ("export", "sentence-transformers export"), ("checkpoints", "checkpoints"))
                   if (output_dir / name).exists())
         + "\n"
-        f"MLflow run {result.run_id} at {result.tracking_uri}\n  view it: {ui}",
+        (f"MLflow run {result.run_id} at {result.tracking_uri}\n  view it: {ui}" if result.run_id else "MLflow: off"),
         flush=True,
     )

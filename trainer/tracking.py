@@ -113,6 +113,8 @@ class Tracker:
         return self._failed
 
     def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
