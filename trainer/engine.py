@@ -391,14 +391,16 @@ def _print_summary(result: TrainResult, output_dir: Path, ui: str) -> None:
     def fmt(x):
         return "n/a" if x is None else f"{x:.2f}"
 
-    print(
+    lines = [
         f"\nDone: {result.step} steps in {result.wall_s / 60:.1f} min. STS-B dev (Spearman x100): "
-        f"before {fmt(result.initial_score)}, best {fmt(result.best_score)}.\n"
-        f"Outputs: {output_dir}"
-        + "".join(f"\n  {label}: {output_dir / name}" for name, label in
-                  (("best", "best model"), ("export", "sentence-transformers export"), ("checkpoints", "checkpoints"))
-                  if (output_dir / name).exists())
-        + "\n"
-        (f"MLflow run {result.run_id} at {result.tracking_uri}\n  view it: {ui}" if result.run_id else "MLflow: off"),
-        flush=True,
-    )
+        f"before {fmt(result.initial_score)}, best {fmt(result.best_score)}.",
+        f"Outputs: {output_dir}",
+    ]
+    for name, label in (("best", "best model"), ("export", "sentence-transformers export"), ("checkpoints", "checkpoints")):
+        if (output_dir / name).exists():
+            lines.append(f"  {label}: {output_dir / name}")
+    if result.run_id:
+        lines += [f"MLflow run {result.run_id} at {result.tracking_uri}", f"  view it: {ui}"]
+    else:
+        lines.append("MLflow: off")
+    print("\n".join(lines), flush=True)
