@@ -193,6 +193,8 @@ def configure_deepspeed(accelerator: Any, *, micro_batch_size: int, max_grad_nor
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
+        if deepspeed_requested():  # e.g. Accelerator(cpu=True) under a DeepSpeed launch: plain DDP instead
+            raise RuntimeError("the launcher asked for DeepSpeed but Accelerate did not enable it (cpu=True?)")
         return
     from trainer.errors import UserError
 

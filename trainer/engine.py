@@ -114,8 +114,10 @@ def _make_accelerator(cfg: TrainConfig):
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and expected > 1 else []
     # Accelerate only sees the torchrun world on CPU when told `cpu=True` (PLATFORM.md); a silent
     # single-process run would train on 1/W of the data, so check the world size against the launcher's.
+    # Under a DeepSpeed launch `cpu=True` would silently drop DeepSpeed (plain DDP): never pass it there.
+    dist.skip_deepspeed_cpu_jit_ops()
     accelerator = Accelerator(
-        cpu=on_cpu,
+        cpu=on_cpu and not dist.deepspeed_requested(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         kwargs_handlers=kwargs,
@@ -198,6 +200,8 @@ def train(
     # The scheduler is stepped by hand once per optimizer step: Accelerate's prepared scheduler steps
     # num_processes times per call, which would end the schedule W times too early.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.optim.warmup_steps, cfg.optim.max_steps))
+    # DeepSpeed: micro batch from data.batch_size (no DataLoader is prepared), clipping = optim.max_grad_norm.
+    dist.configure_deepspeed(accelerator, micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     unwrapped = accelerator.unwrap_model(model)
