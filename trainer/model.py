@@ -56,6 +56,10 @@ class SentenceEncoder(nn.Module):
         super().__init__()
         if pooler not in POOLERS:
             raise UserError(f"unknown pooler {pooler!r}; choose one of {', '.join(POOLERS)}")
+        # BERT-style backbones carry a pooler head (dense + tanh on CLS) that no pooler of ours uses: drop it, or
+        # DDP errors on parameters that get no gradient (and it costs a matmul per forward).
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooler = pooler
