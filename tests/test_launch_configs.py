@@ -98,3 +98,9 @@ def test_configure_deepspeed_refuses_conflicting_values():
     ds = {**ds, "train_micro_batch_size_per_gpu": 4}
     with pytest.raises(UserError, match="train_micro_batch_size_per_gpu=4 but data.batch_size=8"):
         dist.configure_deepspeed(_fake_accelerator(ds), micro_batch_size=8, max_grad_norm=1.0)
+
+
+def test_configure_deepspeed_refuses_zero3_until_the_loop_supports_it():
+    ds = json.loads((DS / "zero3.json").read_text())
+    with pytest.raises(UserError, match="ZeRO stage 3 is not supported"):
+        dist.configure_deepspeed(_fake_accelerator(ds), micro_batch_size=8, max_grad_norm=1.0)

@@ -200,6 +200,17 @@ def configure_deepspeed(accelerator: Any, *, micro_batch_size: int, max_grad_nor
 
     ds = plugin.deepspeed_config
     source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    if stage == 3:
+        # Measured on CPU: ZeRO-3 trains the same losses, but (1) it rewrites the torch optimizer's param_groups,
+        # so the trainer's hand-stepped LambdaLR fails at its 2nd step; (2) saving `model/` and the final
+        # report run on rank 0 only and load/save through transformers' ZeRO-3 hooks, which need every rank
+        # (a hang). Refuse it up front until the loop gathers weights on all ranks.
+        raise UserError(
+            f"{source}: ZeRO stage 3 is not supported by the trainer yet (rank-0 saving and the LR schedule "
+            "assume whole parameters); use launch_configs/accelerate/deepspeed_zero2.yaml (ZeRO-2 partitions "
+            "optimizer states and gradients, enough for encoders up to BERT-large)"
+        )
     micro = ds.get("train_micro_batch_size_per_gpu", "auto")
     if micro == "auto":
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
