@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # `--resume key=value ...`: argparse hands the first override to --resume's optional folder argument.
+    if isinstance(args.resume, str) and "=" in args.resume:
+        args.overrides.insert(0, args.resume)
+        args.resume = True
     if args.list_keys:
         for key, default, doc in describe():
             print(f"{key} = {default}\n    {doc}")
