@@ -54,3 +54,15 @@ def test_missing_model_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="config.json"):
         SentenceEncoder.load(tmp_path / "empty")
+
+
+def test_reload_of_own_save_is_quiet_and_headless(tmp_path, capfd):
+    # Our saves drop the backbone's unused pooler head; reloading them must not make transformers build and
+    # randomly initialise that head again (it reports the weights "MISSING", which reads like a broken save).
+    model = SentenceEncoder.load(make_tiny_encoder_dir(tmp_path), pooler="mean")
+    saved = model.save(tmp_path / "saved")
+    capfd.readouterr()
+    again = SentenceEncoder.load(saved)
+    out, err = capfd.readouterr()
+    assert "MISSING" not in out + err
+    assert getattr(again.backbone, "pooler", None) is None

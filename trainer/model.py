@@ -143,8 +143,9 @@ class SentenceEncoder(nn.Module):
             folder = folder / "model"
             source = str(folder)
         saved: dict = {}
+        own_save = folder.is_dir() and (folder / ENCODER_CONFIG).is_file()
         if folder.is_dir():
-            if (folder / ENCODER_CONFIG).is_file():
+            if own_save:
                 saved = json.loads((folder / ENCODER_CONFIG).read_text())
             elif (folder / "modules.json").is_file():
                 saved = {"pooler": _pooler_from_sentence_transformers(folder)}
@@ -161,7 +162,16 @@ class SentenceEncoder(nn.Module):
                 for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
                     if hasattr(config, key):
                         setattr(config, key, dropout)
-            backbone = AutoModel.from_pretrained(source, config=config)
+            # Our own saves never hold the backbone's pooler head (dropped in __init__): build the model without
+            # it, or transformers reports its weights "MISSING / newly initialized" on every load.
+            no_pooler = {"add_pooling_layer": False} if own_save else {}
+            try:
+                backbone = AutoModel.from_pretrained(source, config=config, **no_pooler)
+            except TypeError:
+                if not no_pooler:
+                    raise
+                # architectures without a pooler head take no such argument
+                backbone = AutoModel.from_pretrained(source, config=config)
             tokenizer = AutoTokenizer.from_pretrained(source)
         except OSError as exc:
             raise UserError(f"cannot load model {path_or_name!r}: {str(exc).splitlines()[0]}") from None
