@@ -39,11 +39,15 @@ RTOL = 2e-5
 
 CRASH_SCRIPT = """
 import os, sys
+from trainer import distributed
 from trainer.config import load_config
 from trainer.engine import train
 
 def crash(step, loss):
     if step == {crash_at}:
+        # Rank 0 has appended this step's metrics before on_step runs; the barrier keeps another rank from
+        # exiting first, which makes the launcher kill rank 0 before that line is written (seen in CI).
+        distributed.barrier()
         os._exit(17)  # a hard kill on every rank: no finally blocks, no final checkpoint
 
 train(load_config(None, sys.argv[1:]), on_step=crash)
