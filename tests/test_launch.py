@@ -10,8 +10,9 @@ rank order. Dropout is off so both sides compute the same function; losses then 
 over all steps (the trajectories stay together because the gradients are the same).
 
 Kill and resume: the launched run hard-exits (`os._exit`, no cleanup) right after step 3, with checkpoints
-every 2 steps; `accelerate launch ... -m trainer train ... --resume` continues from step 2 and must
-reproduce steps 3-5 of the uninterrupted single-process run. Without the model, optimizer, scheduler, data
+every 2 steps, and rank 1 writes its share of each checkpoint late (a checkpoint sealed too early shows);
+`accelerate launch ... -m trainer train ... --resume` continues from step 2 and must reproduce steps 3-5 of
+the uninterrupted single-process run. Without the model, optimizer, scheduler, data
 position or queue restored these losses differ by far more than the tolerance.
 """
 
@@ -38,10 +39,21 @@ B_LOCAL, WORLD, STEPS, CRASH_AT = 8, 2, 5, 3
 RTOL = 2e-5
 
 CRASH_SCRIPT = """
-import os, sys
+import os, sys, time
+import accelerate.accelerator
 from trainer import distributed
 from trainer.config import load_config
 from trainer.engine import train
+
+_save_rank_state = accelerate.accelerator.save_accelerator_state
+
+def slow_on_rank_1(*args, **kwargs):
+    # Rank 1 writes its part of each checkpoint late: rank 0 must wait for it before sealing the folder.
+    if os.environ.get("RANK") == "1":
+        time.sleep(1.5)
+    return _save_rank_state(*args, **kwargs)
+
+accelerate.accelerator.save_accelerator_state = slow_on_rank_1
 
 def crash(step, loss):
     if step == {crash_at}:
@@ -160,8 +172,11 @@ def _kill_and_resume(ws: dict, name: str, config: str, loss: list[str]) -> None:
 
     t_crash = _run(_accelerate(config, [str(ws["crash"]), *overrides]), ws["tmp"] / f"{name}_crash.log", expect_rc=17)
     before = _losses(out)
-    _assert_same_losses(before, want[:CRASH_AT], f"{name} before the kill")
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000002"]
+    # each rank's RNG state made it into the checkpoint, though rank 1 wrote it late (see CRASH_SCRIPT)
+    state = out / "checkpoints" / "step_00000002" / "state"
+    assert sorted(p.name for p in state.glob("random_states_*.pkl")) == [f"random_states_{r}.pkl" for r in range(WORLD)]
+    _assert_same_losses(before, want[:CRASH_AT], f"{name} before the kill")
 
     t_resume = _run(_accelerate(config, ["-m", "trainer", "train", *overrides, "--resume"]),
                     ws["tmp"] / f"{name}_resume.log")

@@ -257,6 +257,9 @@ def train(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / "state"))
+        # Every rank writes its own RNG state (and ZeRO shards) into tmp; save_state ends without a barrier, so
+        # rank 0 must not rename tmp until all of them are done (a slow rank 1 then found its folder gone).
+        accelerator.wait_for_everyone()
         if main:
             unwrapped.save(tmp / "model")
             torch.save(objective.state_dict(), tmp / "objective.pt")
