@@ -143,7 +143,7 @@ class SentenceEncoder(nn.Module):
             folder = folder / "model"
             source = str(folder)
         saved: dict = {}
-        own_save = folder.is_dir() and (folder / ENCODER_CONFIG).is_file()
+        own_save = (folder / ENCODER_CONFIG).is_file()  # false too when folder is a hub name, not a folder
         if folder.is_dir():
             if own_save:
                 saved = json.loads((folder / ENCODER_CONFIG).read_text())
