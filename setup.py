@@ -2,11 +2,16 @@
     pip install torch==2.13.0 && pip install -c constraints.txt -e ".[dev]"
 """
 
+import re
+
 from setuptools import find_packages, setup
+
+# One version: trainer.__version__ (what `trainer --version` falls back to without installed metadata).
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("trainer/__init__.py", encoding="utf-8").read(), re.M).group(1)
 
 setup(
     name="contrastive-trainer",
-    version="0.1.0",
+    version=VERSION,
     description="Distributed trainer for contrastive sentence embeddings: SimCSE InfoNCE, SoftCSE, IFTCL",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -35,5 +40,5 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],
         "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "triton>=3.0", "deepspeed>=0.15"],
     },
-    entry_points={"console_scripts": ["trainer=trainer.__main__:main"]},
+    entry_points={"console_scripts": ["trainer=trainer.cli:main"]},
 )

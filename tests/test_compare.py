@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,18 @@ def test_replay_creates_a_run_that_could_not_be_started(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("offline").experiment_id])
     assert run.data.metrics["train/loss"] == 2.0 and run.info.status == "FINISHED"
+
+
+def test_cli_compare_prints_the_table_and_the_files(tmp_path, monkeypatch, capsys):
+    from trainer.cli import main
+
+    _fake_run(tmp_path / "r1", "a", "infonce", [1.0, 2.0, 3.0])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["compare", "--experiment", "cmp"]) == 2
+    assert "give --tracking-uri" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(tmp_path / "r1"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--experiment", "cmp"]) == 0
+    out = capsys.readouterr().out
+    assert "| a |" in out and f"wrote {Path('compare') / 'cmp' / 'runs.md'}" in out
+    assert (tmp_path / "compare" / "cmp" / "loss.png").is_file()

@@ -79,7 +79,7 @@ class BagOfWordsStsb:
 
 
 def test_cli_on_a_saved_model_writes_json(tmp_path, capsys):
-    from trainer.__main__ import main
+    from trainer.cli import main
     from trainer.model import SentenceEncoder
 
     SentenceEncoder.load(make_tiny_encoder_dir(tmp_path), pooler="mean").save(tmp_path / "ckpt" / "model")

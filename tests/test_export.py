@@ -27,3 +27,12 @@ def test_export_loads_in_sentence_transformers_and_encodes_identically(tmp_path,
 def test_export_missing_checkpoint(tmp_path):
     with pytest.raises(UserError, match="not found"):
         export(tmp_path / "nope", tmp_path / "out")
+
+
+def test_cli_export(tmp_path, capsys):
+    from trainer.cli import main
+
+    SentenceEncoder.load(make_tiny_encoder_dir(tmp_path), pooler="mean").save(tmp_path / "ckpt" / "model")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "export")]) == 0
+    assert capsys.readouterr().out.startswith(f"exported to {tmp_path / 'export'}; load it with sentence_transformers")
+    assert (tmp_path / "export" / "modules.json").is_file()

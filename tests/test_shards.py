@@ -3,7 +3,6 @@ counts, manifest checksums, crash safety and user errors; the tar reader on arch
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -181,15 +180,14 @@ def test_user_errors(tmp_path):
         build_shards([src], tmp_path / "out", shard_size=0, progress=False)
 
 
-def test_cli_add_arguments_and_run(tmp_path, capsys):
+def test_cli_shard(tmp_path, capsys):
+    from trainer.cli import main
+
     src = _write(tmp_path / "c.txt", _sentences(10) + [""])
-    parser = argparse.ArgumentParser()
-    shards.add_arguments(parser)
-    args = parser.parse_args(
-        ["--input", str(src), "--output", str(tmp_path / "out"), "--shard-size", "4", "--workers", "1", "--dedup",
-         "--min-chars", "2", "--max-chars", "100", "--no-progress"]
-    )
-    assert shards.run(args) == 0
+    assert main(
+        ["shard", "--input", str(src), "--output", str(tmp_path / "out"), "--shard-size", "4", "--workers", "1",
+         "--dedup", "--min-chars", "2", "--max-chars", "100", "--no-progress"]
+    ) == 0
     printed = capsys.readouterr().out
     assert "wrote 10 sentences in 3 shards" in printed and "empty=1" in printed
     assert read_manifest(tmp_path / "out")["options"] == {

@@ -5,9 +5,7 @@ PNG plots (train loss, STS-B dev over steps, per-task STS bars). MLflow access g
 
 from __future__ import annotations
 
-import argparse
 import csv
-import os
 from pathlib import Path
 
 from trainer import tracking
@@ -146,23 +144,3 @@ def compare(experiment: str, uri: str | list[str], output: str | Path) -> tuple[
     write_csv(runs, output / "runs.csv")
     files = [output / "runs.md", output / "runs.csv", *plot(runs, output, experiment)]
     return table, files
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
-    parser.add_argument(
-        "--tracking-uri",
-        help="tracking URI (http://..., sqlite:///...), a mlflow.db file, a run folder, or a folder of run "
-        "folders (their stores are merged); default $MLFLOW_TRACKING_URI",
-    )
-    parser.add_argument("--output", default=None, help="folder for runs.md, runs.csv and the PNGs (default compare/<experiment>)")
-
-
-def run(args: argparse.Namespace) -> int:
-    location = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not location:
-        raise UserError("give --tracking-uri (a server URI, a mlflow.db file or a run folder) or set MLFLOW_TRACKING_URI")
-    table, files = compare(args.experiment, stores(location), args.output or Path("compare") / args.experiment)
-    print(table)
-    print("\nwrote " + ", ".join(str(f) for f in files))
-    return 0

@@ -13,8 +13,6 @@ concatenated pairs of every set of the year; "wmean" is the mean of per-set Spea
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,38 +205,3 @@ def format_table(results: dict[str, float]) -> str:
     lines = [f"| {'task':<{width}} | Spearman x100 |", f"|{'-' * (width + 2)}|---------------|"]
     lines += [f"| {k:<{width}} | {v:13.2f} |" for k, v in rows]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint / best / export folder, or an HF model name")
-    parser.add_argument("--sts-dir", required=True, help="SentEval-layout folder (STSBenchmark/, SICK/, STS12-en-test/ ...)")
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="default: every task found")
-    parser.add_argument("--pooling", choices=("cls", "mean", "cls_mlp"), help="override the saved pooler")
-    parser.add_argument("--aggregation", choices=("all", "wmean"), default="all", help="STS12-16 aggregation")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--output", help="JSON file for the results (default: <model>/sts_results.json if a folder)")
-
-
-def run(args: argparse.Namespace) -> int:
-    results = evaluate_sts(
-        args.model,
-        args.sts_dir,
-        tasks=args.tasks,
-        pooling=args.pooling,
-        batch_size=args.batch_size,
-        aggregation=args.aggregation,
-    )
-    if not results:
-        raise UserError(f"no STS task files found under {args.sts_dir}")
-    print(format_table(results))
-    output = Path(args.output) if args.output else (Path(args.model) / "sts_results.json" if Path(args.model).is_dir() else None)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2))
-        print(f"wrote {output}")
-    return 0
-

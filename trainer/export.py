@@ -9,7 +9,6 @@ Layout (sentence-transformers' own): the HF backbone + tokenizer at the root (mo
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -54,14 +53,3 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
         shutil.rmtree(output_dir)
     tmp.rename(output_dir)
     return output_dir
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a run's best/ folder, a checkpoints/step_N folder, or a saved model")
-    parser.add_argument("--output", required=True, help="folder to write (replaced if it exists)")
-
-
-def run(args: argparse.Namespace) -> int:
-    path = export(args.checkpoint, args.output)
-    print(f"exported to {path}; load it with sentence_transformers.SentenceTransformer({str(path)!r})")
-    return 0
