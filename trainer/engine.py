@@ -1,15 +1,13 @@
-"""The training loop, top to bottom: Accelerate prepare -> accumulate / backward / clip / step / schedule ->
-STS-B dev eval every N steps keeping the best model -> atomic checkpoints -> exact resume.
+"""The training loop, top to bottom: set-up -> accumulate / backward / clip / step / schedule -> STS-B dev eval
+every N steps keeping the best model -> atomic checkpoints -> exact resume -> final report and export.
 
 One step of unsupervised SimCSE: each local sentence is encoded twice in one forward pass (two dropout masks),
 view-2 embeddings of every rank are gathered with gradient (`distributed.gather_with_grad`), and the loss
 scores local anchors against all candidates with the positive at `rank * B_local + i`. IFTCL adds a third,
-token-augmented (fraternal) view and a queue of past candidates.
+token-augmented (fraternal) view and a queue of past candidates, which the loop fills after each backward.
 
-Checkpoint = `checkpoints/step_XXXXXXXX/` holding `state/` (Accelerate: model, optimizer, scheduler, RNG),
-`model/` (a `SentenceEncoder.save` folder), `objective.pt` (queue) and `trainer_state.json` (step, data
-position, best score, MLflow run id). It is written under a temporary name and renamed when complete, so a
-crash never leaves a half-written checkpoint that `--resume` could pick.
+The Accelerator, optimizer and schedule come from `trainer.runtime`; checkpoints, their layout and the kept
+best model from `trainer.checkpoint`.
 """
 
 from __future__ import annotations
@@ -17,22 +15,23 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from trainer import distributed as dist
+from trainer import runtime
+from trainer.checkpoint import Checkpointer, TrainState, find_last_checkpoint
 from trainer.config import TrainConfig, flatten, save_config
 from trainer.errors import UserError
 
+__all__ = ["TrainResult", "find_last_checkpoint", "train"]
+
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.json"
-KEEP_CHECKPOINTS = 2
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -50,89 +49,84 @@ class TrainResult:
     wall_s: float = 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Small pieces
+class _Metrics:
+    """Metrics go to the tracker and, on rank 0, to `metrics.jsonl`: a local copy survives any tracking outage."""
+
+    def __init__(self, tracker: Any, path: Path, main: bool) -> None:
+        self.tracker, self.path, self.main = tracker, path, main
+
+    def record(self, metrics: dict, step: int) -> None:
+        self.tracker.log_metrics(metrics, step)
+        if self.main:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+class _Window:
+    """Micro-batch losses and sentences since the last train-metrics line (every `log_every` steps)."""
 
-    return fn
+    def __init__(self) -> None:
+        self._reset()
 
+    def _reset(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.sentences = 0
+        self.t0 = time.perf_counter()
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    def add(self, loss: torch.Tensor) -> None:
+        self.losses.append(loss.detach())
 
+    def step_loss(self, num_micro: int) -> float:
+        """The last optimizer step's loss, averaged over its micro-batches and all ranks (a collective)."""
+        return dist.all_reduce_mean(torch.stack(self.losses[-num_micro:]).mean()).item()
 
-def _view(batch: dict, prefix: str = "") -> dict:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    return {k: batch[prefix + k] for k in keys if prefix + k in batch}
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
 
-
-def _checkpoints(output_dir: Path) -> list[Path]:
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file())
-
-
-def find_last_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    found = _checkpoints(Path(output_dir))
-    return found[-1] if found else None
+    def flush(self, lr: float) -> dict[str, float]:
+        """The window's mean loss (over all ranks: a collective), LR and throughput; starts a new window."""
+        elapsed = time.perf_counter() - self.t0
+        metrics = {
+            "train/loss": dist.all_reduce_mean(torch.stack(self.losses).mean()).item(),
+            "train/lr": lr,
+            "throughput/sentences_per_s": self.sentences / max(elapsed, 1e-9),
+        }
+        self._reset()
+        return metrics
 
 
-def _atomic_replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+@dataclass
+class _Run:
+    """Everything one training invocation works with, built by `_setup`."""
 
+    cfg: TrainConfig
+    accelerator: Any
+    prep: runtime.Prepared
+    objective: Any
+    stream: Any
+    checkpointer: Checkpointer
+    tracker: Any
+    metrics: _Metrics
+    state: TrainState
+    resumed_from: Optional[Path]
 
-def _make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
-    on_cpu = not torch.cuda.is_available()
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    # gloo on CPU; passing a backend to a single process makes Accelerate expect a process group it never starts.
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and expected > 1 else []
-    # Accelerate only sees the torchrun world on CPU when told `cpu=True` (PLATFORM.md); a silent
-    # single-process run would train on 1/W of the data, so check the world size against the launcher's.
-    # Under a DeepSpeed launch `cpu=True` would silently drop DeepSpeed (plain DDP): never pass it there.
-    dist.skip_deepspeed_cpu_jit_ops()
-    accelerator = Accelerator(
-        cpu=on_cpu and not dist.deepspeed_requested(),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.optim.grad_accum,
-        kwargs_handlers=kwargs,
-    )
-    if accelerator.num_processes != expected:
-        raise RuntimeError(
-            f"Accelerate started {accelerator.num_processes} process(es) but the launcher set WORLD_SIZE={expected}"
-        )
-    return accelerator
+    def evaluate(self, step: int) -> float:
+        """STS-B dev score of the current model, recorded; replaces `best/` when it is the best so far."""
+        # Every rank evaluates (identical result): under ZeRO-3 all ranks must join the forward anyway.
+        score = _evaluate(self.prep.unwrapped, self.cfg, ["stsb_dev"])["stsb_dev"]
+        self.prep.model.train()
+        self.metrics.record({"eval/stsb_dev": score}, step)
+        if self.cfg.eval.keep_best and (self.state.best_score is None or score > self.state.best_score):
+            self.state.best_score = score
+            self.checkpointer.save_best(step, self.prep.unwrapped)
+        return score
 
-
-def _evaluate(model, cfg: TrainConfig, tasks: list[str]) -> dict[str, float]:
-    from trainer.evaluate import evaluate_sts
-
-    return evaluate_sts(model, cfg.eval.sts_dir, tasks=tasks, batch_size=cfg.eval.batch_size, progress=False)
+    def save(self) -> None:
+        self.checkpointer.save(self.state, model=self.prep.unwrapped, objective=self.objective, stream=self.stream)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,44 +142,65 @@ def train(
     """Train as configured. `resume=True` continues from the last checkpoint in `output_dir` (a path: from that
     checkpoint). `on_step(step, loss)` is called on every rank after each optimizer step (tests use it to
     simulate a crash)."""
-    from tqdm.auto import tqdm
+    from trainer.tracking import ui_command
+
+    started = time.perf_counter()
+    run = _setup(cfg, resume)
+    result = TrainResult(run_id=run.tracker.run_id, tracking_uri=run.tracker.uri)
+    if run.resumed_from is None and cfg.eval.enabled:
+        run.state.initial_score = run.evaluate(0)
+        if run.main:
+            log.info("STS-B dev before training: %.2f", run.state.initial_score)
+
+    finished = False
+    try:
+        _train_steps(run, result, on_step)
+        if cfg.eval.enabled and not cfg.eval.due(run.state.step):
+            run.evaluate(run.state.step)
+        if not run.checkpointer.has(run.state.step):
+            run.save()
+        finished = True
+    finally:
+        if not finished:
+            run.tracker.finish("FAILED")
+
+    result.final_scores = _final_report(cfg, run.checkpointer.kept_model(), run.tracker, run.main)
+    run.accelerator.wait_for_everyone()
+    run.tracker.finish("FINISHED")
+    result.step, result.best_score, result.initial_score = run.state.step, run.state.best_score, run.state.initial_score
+    result.wall_s = time.perf_counter() - started
+    if run.main:
+        _print_summary(result, run.checkpointer.output_dir, ui_command(run.tracker.uri))
+    run.accelerator.end_training()
+    return result
+
+
+def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
+    """Accelerator, output folder, model, objective, data stream, `prepare`, resume, tracking."""
+    from accelerate.utils import set_seed
 
     from trainer.augment import make_fraternal
     from trainer.data import TrainStream
     from trainer.losses import build_objective
     from trainer.model import build_encoder
-    from trainer.tracking import Tracker, ui_command
+    from trainer.tracking import Tracker
 
-    started = time.perf_counter()
     output_dir = Path(cfg.output_dir).resolve()
-    # An empty eval.sts_dir turns evaluation off (pretraining runs with no STS data at hand).
-    eval_enabled = bool(cfg.eval.sts_dir)
-    if eval_enabled and not Path(cfg.eval.sts_dir).is_dir():
+    if cfg.eval.enabled and not Path(cfg.eval.sts_dir).is_dir():
         raise UserError(f"eval.sts_dir does not exist: {cfg.eval.sts_dir} (set eval.sts_dir= to train without eval)")
-
-    accelerator = _make_accelerator(cfg)
+    accelerator = runtime.make_accelerator(cfg)
     main = accelerator.is_main_process
-    checkpoint = None
-    if resume:
-        checkpoint = Path(resume) if isinstance(resume, (str, Path)) else find_last_checkpoint(output_dir)
-        if checkpoint is None or not (checkpoint / STATE_FILE).is_file():
-            raise UserError(f"--resume: no complete checkpoint found in {output_dir / 'checkpoints'}")
-    elif main and _checkpoints(output_dir):
-        raise UserError(
-            f"{output_dir} already holds checkpoints; pass --resume to continue that run or choose another output_dir"
-        )
+    checkpointer = Checkpointer(output_dir, accelerator)
+    resume_from = checkpointer.resume_point(resume)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
     accelerator.wait_for_everyone()
 
-    from accelerate.utils import set_seed
-
     # Same seed on every rank: identical init; dropout differs per rank anyway because inputs differ.
     set_seed(cfg.seed)
     model = build_encoder(cfg.model)
     objective = build_objective(cfg.loss)
-    fraternal = make_fraternal(cfg.data.augment) if objective.needs_fraternal else None
     stream = TrainStream(
         cfg.data,
         model.tokenizer,
@@ -194,168 +209,104 @@ def train(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         work_dir=output_dir,
-        fraternal=fraternal,
+        fraternal=make_fraternal(cfg.data.augment) if objective.needs_fraternal else None,
     )
-    optimizer = _optimizer(model, cfg)
-    # The scheduler is stepped by hand once per optimizer step: Accelerate's prepared scheduler steps
-    # num_processes times per call, which would end the schedule W times too early.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.optim.warmup_steps, cfg.optim.max_steps))
-    # DeepSpeed: micro batch from data.batch_size (no DataLoader is prepared), clipping = optim.max_grad_norm.
-    dist.configure_deepspeed(accelerator, micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.optim.max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    unwrapped = accelerator.unwrap_model(model)
+    prep = runtime.prepare(accelerator, model, cfg)
+    state = TrainState()
+    if resume_from is not None:
+        state = checkpointer.load(resume_from, objective=objective, stream=stream)
 
-    state = {"step": 0, "best_score": None, "initial_score": None, "run_id": None, "data": None}
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint / "state"))
-        state.update(json.loads((checkpoint / STATE_FILE).read_text()))
-        stream.load_state_dict(state["data"])
-        objective_file = checkpoint / "objective.pt"
-        if objective_file.is_file():
-            objective.load_state_dict(torch.load(objective_file, map_location="cpu"))
-        log.info("resumed from %s at step %d", checkpoint, state["step"])
-
-    tracker = Tracker(cfg.tracking, output_dir, active=main, run_id=state["run_id"])
-    state["run_id"] = tracker.run_id
-    if checkpoint is None:
+    tracker = Tracker(cfg.tracking, output_dir, active=main, run_id=state.run_id)
+    state.run_id = tracker.run_id
+    if resume_from is None:
+        world = accelerator.num_processes
         tracker.log_params(flatten(cfg))
-        tracker.log_params({"world_size": accelerator.num_processes, "global_batch": cfg.data.batch_size * accelerator.num_processes})
+        tracker.log_params({"world_size": world, "global_batch": cfg.global_batch_size(world)})
         tracker.log_artifact(output_dir / "config.yaml")
-    metrics_file = output_dir / "metrics.jsonl"
+    metrics = _Metrics(tracker, output_dir / METRICS_FILE, main)
+    return _Run(cfg, accelerator, prep, objective, stream, checkpointer, tracker, metrics, state, resume_from)
 
-    def record(metrics: dict, step: int) -> None:
-        tracker.log_metrics(metrics, step)
-        if main:  # a local copy survives any tracking outage
-            with open(metrics_file, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def save_best(step: int) -> None:
-        if main:
-            tmp = output_dir / ".best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            unwrapped.save(tmp)
-            (tmp / "step.txt").write_text(str(step))
-            _atomic_replace_dir(tmp, output_dir / "best")
-        accelerator.wait_for_everyone()
+def _train_steps(run: _Run, result: TrainResult, on_step: Optional[Callable[[int, float], None]]) -> None:
+    """Optimizer steps up to `optim.max_steps`, with logging, periodic evaluation and checkpoints."""
+    from tqdm.auto import tqdm
 
-    def eval_and_keep(step: int) -> float:
-        # Every rank evaluates (identical result): under ZeRO-3 all ranks must join the forward anyway.
-        score = _evaluate(unwrapped, cfg, ["stsb_dev"])["stsb_dev"]
-        model.train()
-        record({"eval/stsb_dev": score}, step)
-        if cfg.eval.keep_best and (state["best_score"] is None or score > state["best_score"]):
-            state["best_score"] = score
-            save_best(step)
-        return score
-
-    def save_checkpoint(step: int) -> None:
-        root = output_dir / "checkpoints"
-        tmp, final = root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "state"))
-        # Every rank writes its own RNG state (and ZeRO shards) into tmp; save_state ends without a barrier, so
-        # rank 0 must not rename tmp until all of them are done (a slow rank 1 then found its folder gone).
-        accelerator.wait_for_everyone()
-        if main:
-            unwrapped.save(tmp / "model")
-            torch.save(objective.state_dict(), tmp / "objective.pt")
-            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "data": stream.state_dict()}, indent=2))
-            _atomic_replace_dir(tmp, final)
-            for old in _checkpoints(output_dir)[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    result = TrainResult(run_id=tracker.run_id, tracking_uri=tracker.uri)
-    step = state["step"]
-    if checkpoint is None and eval_enabled:
-        state["initial_score"] = eval_and_keep(0)
-        if main:
-            log.info("STS-B dev before training: %.2f", state["initial_score"])
-
-    model.train()
-    data_iter = iter(stream)
-    window_loss, window_sent, window_t0 = [], 0, time.perf_counter()
-    bar = tqdm(total=cfg.optim.max_steps, initial=step, desc="train", disable=not main, dynamic_ncols=True)
-    status = "FAILED"
+    cfg, state = run.cfg, run.state
+    batches = _batches(run.stream, run.accelerator.device)
+    window = _Window()
+    run.prep.model.train()
+    bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", disable=not run.main, dynamic_ncols=True)
     try:
-        while step < cfg.optim.max_steps:
-            for _ in range(cfg.optim.grad_accum):
-                try:
-                    batch = next(data_iter)
-                except StopIteration:  # end of an epoch: the stream reshuffles for the next one
-                    data_iter = iter(stream)
-                    batch = next(data_iter)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.accumulate(model):
-                    out = _step_loss(model, batch, objective, accelerator)
-                    accelerator.backward(out["loss"])
-                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                objective.enqueue(out.pop("_candidates"))
-                window_loss.append(out["loss"].detach())
-                window_sent += batch["input_ids"].shape[0] * accelerator.num_processes
-            scheduler.step()
-            step += 1
-            loss_value = dist.all_reduce_mean(torch.stack(window_loss[-cfg.optim.grad_accum :]).mean()).item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}")
-            result.losses.append((step, loss_value))
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        while state.step < cfg.optim.max_steps:
+            out = _optimizer_step(run, batches, window)
+            state.step += 1
+            loss = window.step_loss(cfg.optim.grad_accum)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {state.step}")
+            result.losses.append((state.step, loss))
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.optim.max_steps:
-                elapsed = time.perf_counter() - window_t0
-                mean_loss = dist.all_reduce_mean(torch.stack(window_loss).mean()).item()
-                extras = {f"train/{k}": float(v) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
-                record(
-                    {
-                        "train/loss": mean_loss,
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "throughput/sentences_per_s": window_sent / max(elapsed, 1e-9),
-                        **extras,
-                    },
-                    step,
-                )
-                window_loss, window_sent, window_t0 = [], 0, time.perf_counter()
+            if cfg.log_due(state.step):
+                lr = run.prep.scheduler.get_last_lr()[0]
+                run.metrics.record({**window.flush(lr), **_loss_logs(out)}, state.step)
             if on_step is not None:
-                on_step(step, loss_value)
-            evaluated = eval_enabled and cfg.eval.every_steps and step % cfg.eval.every_steps == 0
-            if evaluated:
-                eval_and_keep(step)
-                window_t0 = time.perf_counter()  # keep eval time out of the throughput figure
-            if evaluated or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                save_checkpoint(step)
-        bar.close()
-        if eval_enabled and not (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
-            eval_and_keep(step)
-        last = find_last_checkpoint(output_dir)
-        if last is None or last.name != f"step_{step:08d}":
-            save_checkpoint(step)
-        status = "FINISHED"
+                on_step(state.step, loss)
+            if cfg.eval.due(state.step):
+                run.evaluate(state.step)
+                window.restart_clock()  # keep eval time out of the throughput figure
+            if cfg.checkpoint_due(state.step):
+                run.save()
     finally:
         bar.close()
-        if status != "FINISHED":
-            tracker.finish("FAILED")
-
-    final_model_dir = output_dir / "best" if (output_dir / "best").is_dir() else find_last_checkpoint(output_dir) / "model"
-    result.final_scores = _final_report(cfg, final_model_dir, tracker, main)
-    accelerator.wait_for_everyone()
-    tracker.finish("FINISHED")
-    result.step, result.best_score, result.initial_score = step, state["best_score"], state["initial_score"]
-    result.wall_s = time.perf_counter() - started
-    if main:
-        _print_summary(result, output_dir, ui_command(tracker.uri))
-    accelerator.end_training()
-    return result
 
 
-def _step_loss(model, batch: dict, objective, accelerator) -> dict:
-    """Encode the views, gather candidates across ranks, score local anchors against them."""
+def _optimizer_step(run: _Run, batches: Iterator[dict], window: _Window) -> dict:
+    """`optim.grad_accum` micro-batches, one optimizer and scheduler step; returns the last micro-batch's
+    loss dict."""
+    acc, prep, optim = run.accelerator, run.prep, run.cfg.optim
+    for _ in range(optim.grad_accum):
+        batch = next(batches)
+        with acc.accumulate(prep.model):
+            out, candidates = _step_loss(prep.model, batch, run.objective, acc.process_index)
+            acc.backward(out["loss"])
+            if acc.sync_gradients and optim.max_grad_norm > 0:
+                acc.clip_grad_norm_(prep.model.parameters(), optim.max_grad_norm)
+            prep.optimizer.step()
+            prep.optimizer.zero_grad(set_to_none=True)
+        # Only now: enqueue overwrites queue rows in place, and a loss may keep a view of them for its backward.
+        run.objective.enqueue(candidates)
+        window.add(out["loss"])
+    window.sentences += run.cfg.sentences_per_step(acc.num_processes)
+    prep.scheduler.step()
+    return out
+
+
+def _loss_logs(out: dict) -> dict[str, float]:
+    """The objective's scalar logs (beside the loss) as `train/<name>` metrics."""
+    return {f"train/{k}": float(v) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
+
+
+def _batches(stream: Any, device: torch.device) -> Iterator[dict]:
+    """Micro-batches on `device`, endlessly: at the end of an epoch the stream reshuffles for the next one."""
+    while True:
+        empty = True
+        for batch in stream:
+            empty = False
+            yield {k: v.to(device) for k, v in batch.items()}
+        if empty:  # TrainStream refuses data smaller than one global batch; never spin on an empty epoch
+            raise RuntimeError("the training stream yielded no batch in a whole epoch")
+
+
+def _view(batch: dict, prefix: str = "") -> dict:
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: batch[prefix + k] for k in keys if prefix + k in batch}
+
+
+def _step_loss(model, batch: dict, objective, rank: int) -> tuple[dict, torch.Tensor]:
+    """Encode the views, gather candidates across ranks, score this rank's local anchors against them.
+
+    Returns the objective's loss dict and the gathered candidates, detached, for `objective.enqueue` once the
+    backward is done."""
     # Both dropout views in ONE forward: same masks as two calls (different dropout draws per row copy), half
     # the launches.
     views = {k: torch.cat([v, v]) for k, v in _view(batch).items()}
@@ -363,32 +314,38 @@ def _step_loss(model, batch: dict, objective, accelerator) -> dict:
     num_local = batch["input_ids"].shape[0]
     anchors, positives = emb[:num_local], emb[num_local:]
     candidates = dist.gather_with_grad(positives)
-    positive_index = torch.arange(num_local, device=emb.device) + accelerator.process_index * num_local
+    positive_index = torch.arange(num_local, device=emb.device) + rank * num_local
     fraternal = None
     if objective.needs_fraternal:
         fraternal = dist.gather_with_grad(model(**_view(batch, "fraternal_")))
     out = objective(anchors, candidates, positive_index=positive_index, fraternal=fraternal)
-    out["_candidates"] = candidates.detach()
-    return out
+    return out, candidates.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation and the end of the run
+
+
+def _evaluate(model, cfg: TrainConfig, tasks: list[str]) -> dict[str, float]:
+    from trainer.evaluate import evaluate_sts
+
+    return evaluate_sts(model, cfg.eval.sts_dir, tasks=tasks, batch_size=cfg.eval.batch_size, progress=False)
 
 
 def _final_report(cfg: TrainConfig, model_dir: Path, tracker, main: bool) -> dict:
     """Evaluate the kept model on `eval.final_tasks`, log the table, export for sentence-transformers."""
     if not main:
         return {}
+    from trainer.evaluate import format_table
+    from trainer.export import export
     from trainer.model import SentenceEncoder
 
     model = SentenceEncoder.load(model_dir)
-    scores = _evaluate(model, cfg, list(cfg.eval.final_tasks)) if cfg.eval.final_tasks and cfg.eval.sts_dir else {}
+    scores = _evaluate(model, cfg, list(cfg.eval.final_tasks)) if cfg.eval.final_tasks and cfg.eval.enabled else {}
     if scores:
         tracker.log_metrics({f"sts/{k}": v for k, v in scores.items()}, step=0)
-        table = "| task | Spearman x100 |\n|---|---|\n" + "".join(f"| {k} | {v:.2f} |\n" for k, v in scores.items())
-        tracker.log_text(table, "sts_results.md")
+        tracker.log_text(format_table(scores) + "\n", "sts_results.md")
         (Path(cfg.output_dir) / "sts_results.json").write_text(json.dumps(scores, indent=2))
-    try:
-        from trainer.export import export
-    except ImportError:  # pragma: no cover - export module missing in a partial install
-        return scores
     export_dir = export(model_dir, Path(cfg.output_dir) / "export")
     tracker.log_artifact(export_dir, "export")
     return scores

@@ -1,8 +1,8 @@
 """The training objective the engine calls: a configured loss plus its hippocampus queue.
 
 The objective is distribution-agnostic: the engine passes local anchors and candidates already gathered
-from every rank (with gradient), and enqueues the gathered detached candidates after backward, so every
-rank holds the same queue.
+from every rank (with gradient), then, once backward is done, hands the same gathered candidates (detached)
+to `enqueue`, so every rank holds the same queue. The loss dict carries only the loss and its logs.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ class ContrastiveObjective:
         return {"loss": out["loss"], **logs}
 
     def enqueue(self, candidates: Tensor) -> None:
-        """Push the gathered (all ranks) detached identical-twin candidates; no-op without a queue."""
+        """Push the gathered (all ranks) identical-twin candidates of the last call; no-op without a queue.
+
+        Call it once that call's backward is done, not inside ``__call__``: enqueue overwrites queue rows in
+        place, which a loss that keeps a view of the queue for its backward must not see."""
         self.queue.enqueue(candidates)
 
     def state_dict(self) -> dict[str, Any]:
