@@ -24,8 +24,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import sim_softmax_lse_ref, triton_available  # noqa: E402
 from kernels.chunked import chunked_sim_softmax_lse  # noqa: E402
-from kernels.sim_softmax import _COMPILED, default_triton_config, triton_sim_softmax_lse  # noqa: E402
+
+if triton_available():  # the Triton backend's modules import triton; --help works without it
+    from kernels.triton_op import _COMPILED, default_triton_config, triton_sim_softmax_lse
 
 FAMILIES = {
     "infonce": dict(temperature=0.05),
@@ -39,18 +42,9 @@ GRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), 
               (64, 256, 64, 8, 3), (128, 128, 64, 4, 4)]
 
 
-def naive_lse(a, c, temperature=0.05, weight_gamma=0.0, tau_min=None, tau_max=None, tau_gamma=1.0):
-    """Dense torch in the input dtype: matmul, family in elementwise ops, logsumexp; autograd backward."""
-    sim = a @ c.T
-    if weight_gamma == 0 and tau_min is None:
-        return torch.logsumexp(sim / temperature, dim=1)
-    sg = sim.detach().clamp(-1, 1)
-    is_pos = torch.zeros_like(sim, dtype=torch.bool)
-    is_pos.diagonal().fill_(True)  # positive_index = arange(N)
-    tau = tau_min + (tau_max - tau_min) * ((1 + sg) / 2) ** tau_gamma
-    tau = tau.masked_fill(is_pos, temperature)
-    log_w = (weight_gamma * torch.log((1 - sg) / 2)).masked_fill(is_pos, 0.0)
-    return torch.logsumexp(sim / tau + log_w, dim=1)
+def naive_lse(a, c, **kwargs):
+    """Dense torch in the input dtype (the reference with ``upcast=False``): matmul, family, logsumexp."""
+    return sim_softmax_lse_ref(a, c, upcast=False, **kwargs)
 
 
 def triton_fn(config=None):
@@ -137,8 +131,8 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="also time FWD_SWEEP / GRAD_SWEEP at 16384x16384")
     parser.add_argument("--output", default=None, help="JSON file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernel.py needs a CUDA GPU")
+    if not torch.cuda.is_available() or not triton_available():
+        sys.exit("benchmarks/kernel.py needs a CUDA GPU and triton")
     import triton
 
     torch.backends.cuda.matmul.allow_tf32 = False

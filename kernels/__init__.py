@@ -1,12 +1,35 @@
-"""Fused similarity-softmax kernels for contrastive losses (see ``kernels/sim_softmax.py``)."""
+"""Fused similarity-softmax op for contrastive losses: ``sim_softmax_lse`` and its torch reference.
 
-from kernels.sim_softmax import (
-    BACKENDS,
-    mean_negative_weight,
-    sim_softmax_lse,
-    sim_softmax_lse_ref,
-    triton_available,
-)
+Spec (legend: N anchors/rows, M candidates/columns, D embedding dim; inputs already L2-normalised)::
+
+    s_ij   = <a_i, c_j>
+    lse_i  = log sum_j w_ij * exp(s_ij / tau_ij)
+
+Weights and temperatures are computed from the stop-gradient similarity ``sg(s_ij)`` clamped to [-1, 1]:
+
+    w_ij   = ((1 - sg(s_ij)) / 2) ** weight_gamma                     (weight_gamma = 0 -> 1)
+    tau_ij = temperature                                              (tau_min/tau_max None)
+           = tau_min + (tau_max - tau_min) * ((1 + sg(s_ij)) / 2) ** tau_gamma
+
+The positive column j = p(i) (``positive_index``, default arange(N)) always has weight 1 and temperature
+``temperature``. ``neg_log_scale`` (N,) is added to log w_ij of every negative column of row i. Both are
+constants for autograd; gradients flow through s_ij only (d(s/tau)/ds = 1/tau):
+
+    d lse_i / d s_ij = p_ij / tau_ij,   p_ij = w_ij exp(s_ij / tau_ij - lse_i)
+    da_i = sum_j g_i p_ij / tau_ij c_j,  dc_j = sum_i g_i p_ij / tau_ij a_i       (g = upstream grad)
+
+At s_ij = 1 and weight_gamma > 0, log w_ij = -inf: the term vanishes (zero probability, zero gradient).
+lse is float32 for fp16/bf16/fp32 inputs (float64 for float64 inputs on the torch backends); input
+gradients have the input dtype.
+
+Modules: ``dispatch`` (the functional, BACKENDS), ``family`` (argument checks and the family in torch,
+shared by every backend), ``reference`` (dense torch, ``upcast=``), ``chunked`` (memory-bounded torch,
+``mean_negative_weight``), ``triton_op`` + ``triton_kernels`` (the Triton backend, present when triton is).
+"""
+
+from kernels.chunked import mean_negative_weight
+from kernels.dispatch import BACKENDS, sim_softmax_lse, triton_available
+from kernels.reference import sim_softmax_lse_ref
 
 __all__ = [
     "BACKENDS",

@@ -1,6 +1,6 @@
-"""Memory-bounded pure-torch backend of ``sim_softmax_lse`` (CPU / any device fallback).
+"""Memory-bounded pure-torch backend of the op (CPU / any device fallback), and ``mean_negative_weight``.
 
-Same math and signature as ``kernels.sim_softmax.sim_softmax_lse`` (spec in that module's docstring).
+Same math as the other backends (spec in ``kernels/__init__.py``; the family from ``kernels/family.py``).
 Legend: N rows (anchors), M columns (candidates), D dim, B column-block size.
 
 Forward walks column blocks of B candidates, computes the N x B logits tile in fp32 (fp64 for fp64 inputs),
@@ -12,10 +12,13 @@ zero weights). Only lse (N,) is saved. Backward recomputes every tile and its pr
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from kernels.sim_softmax import _check_inputs
+from kernels.family import (Family, check_family, check_number, check_tensors, log_weight_inv_tau,
+                            negative_log_weight, positive_mask)
 
 # A tile holds at most this many elements by default (2 MiB per fp32 temporary).
 _TILE_ELEMENTS = 1 << 19
@@ -27,34 +30,11 @@ def default_block_size(num_rows: int, num_cols: int) -> int:
     return min(block, num_cols)
 
 
-def _tile_logits(a_ND, c_BD, start, pos_idx_N, nls_N, hp):
-    """Return (logits_NB, 1/tau as an N x B tile or a scalar) for columns [start, start + B).
-
-    In-place arithmetic keeps about three N x B tiles alive (sim/logits, weights, 1/tau).
-    """
-    temperature, weight_gamma, tau_min, tau_max, tau_gamma = hp
+def _tile_logits(a_ND, c_BD, start, pos_idx_N, nls_N, family):
+    """Return (logits_NB, 1/tau as an N x B tile or a scalar) for columns [start, start + B)."""
     logits_NB = a_ND @ c_BD.T
-    cols_B = torch.arange(start, start + c_BD.shape[0], device=a_ND.device)
-    is_pos_NB = pos_idx_N[:, None] == cols_B[None, :]
-    inv_tau = 1.0 / temperature
-    if tau_min is not None or weight_gamma > 0:
-        sg_NB = logits_NB.clamp(-1.0, 1.0)  # stop-gradient s (no autograd here) clamped for w and tau
-        if tau_min is not None:
-            inv_tau = (sg_NB + 1.0).mul_(0.5).pow_(tau_gamma).mul_(tau_max - tau_min).add_(tau_min)
-            inv_tau = inv_tau.reciprocal_().masked_fill_(is_pos_NB, 1.0 / temperature)
-        log_w_NB = None
-        if weight_gamma > 0:
-            # (1 - s)/2 = 0 at s = 1 -> log 0 = -inf: exp gives 0, the term vanishes
-            log_w_NB = sg_NB.neg_().add_(1.0).mul_(0.5).log_().mul_(weight_gamma)
-        del sg_NB
-    else:
-        log_w_NB = None
+    log_w_NB, inv_tau = log_weight_inv_tau(logits_NB, family, pos_idx_N, start, nls_N)
     logits_NB.mul_(inv_tau)
-    if nls_N is not None:
-        log_w_NB = nls_N[:, None].expand_as(logits_NB) if log_w_NB is None else log_w_NB.add_(nls_N[:, None])
-        log_w_NB = log_w_NB.masked_fill(is_pos_NB, 0.0)  # positive column: weight 1
-    elif log_w_NB is not None:
-        log_w_NB.masked_fill_(is_pos_NB, 0.0)
     if log_w_NB is not None:
         logits_NB.add_(log_w_NB)
     return logits_NB, inv_tau
@@ -62,7 +42,7 @@ def _tile_logits(a_ND, c_BD, start, pos_idx_N, nls_N, hp):
 
 class _ChunkedSimSoftmaxLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchors, candidates, pos_idx_N, nls_N, block_size, hp):
+    def forward(ctx, anchors, candidates, pos_idx_N, nls_N, block_size, family):
         compute_dtype = torch.promote_types(anchors.dtype, torch.float32)
         a_ND = anchors.detach().to(compute_dtype)
         c_MD = candidates.detach()
@@ -71,10 +51,10 @@ class _ChunkedSimSoftmaxLSE(torch.autograd.Function):
         lse_N = torch.full((a_ND.shape[0],), float("-inf"), dtype=compute_dtype, device=a_ND.device)
         for start in range(0, c_MD.shape[0], block_size):
             c_BD = c_MD[start:start + block_size].to(compute_dtype)
-            logits_NB, _ = _tile_logits(a_ND, c_BD, start, pos_idx_N, nls_N, hp)
+            logits_NB, _ = _tile_logits(a_ND, c_BD, start, pos_idx_N, nls_N, family)
             lse_N = torch.logaddexp(lse_N, torch.logsumexp(logits_NB, dim=1))
         ctx.save_for_backward(anchors, candidates, pos_idx_N, nls_N, lse_N)
-        ctx.block_size, ctx.hp = block_size, hp
+        ctx.block_size, ctx.family = block_size, family
         return lse_N
 
     @staticmethod
@@ -90,7 +70,7 @@ class _ChunkedSimSoftmaxLSE(torch.autograd.Function):
         dc_MD = torch.empty(candidates.shape, dtype=compute_dtype, device=a_ND.device) if need_dc else None
         for start in range(0, candidates.shape[0], ctx.block_size):
             c_BD = candidates[start:start + ctx.block_size].to(compute_dtype)
-            logits_NB, inv_tau = _tile_logits(a_ND, c_BD, start, pos_idx_N, nls_N, ctx.hp)
+            logits_NB, inv_tau = _tile_logits(a_ND, c_BD, start, pos_idx_N, nls_N, ctx.family)
             # G_ij = g_i * p_ij / tau_ij; exp(-inf) = 0 for vanished (zero-weight) terms
             g_NB = logits_NB.sub_(lse_N[:, None]).exp_().mul_(grad_N1).mul_(inv_tau)
             if need_da:
@@ -102,19 +82,48 @@ class _ChunkedSimSoftmaxLSE(torch.autograd.Function):
         return da, dc, None, None, None, None
 
 
-def chunked_sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.05,
-                            weight_gamma: float = 0.0, tau_min: float | None = None,
-                            tau_max: float | None = None, tau_gamma: float = 1.0,
-                            positive_index: Tensor | None = None, neg_log_scale: Tensor | None = None,
-                            block_size: int | None = None) -> Tensor:
-    """Chunked-torch ``sim_softmax_lse``: (N,) lse, float32 (float64 for float64 inputs)."""
-    pos_idx_N, nls_N = _check_inputs(
-        anchors, candidates, temperature=temperature, weight_gamma=weight_gamma, tau_min=tau_min,
-        tau_max=tau_max, tau_gamma=tau_gamma, positive_index=positive_index, neg_log_scale=neg_log_scale)
+def chunked_lse(anchors: Tensor, candidates: Tensor, family: Family, positive_index_N: Tensor,
+                neg_log_scale_N: Optional[Tensor], block_size: Optional[int] = None) -> Tensor:
+    """lse (N,) from checked inputs (``check_family`` / ``check_tensors``); see the module docstring."""
     if block_size is None:
         block_size = default_block_size(anchors.shape[0], candidates.shape[0])
-    if block_size < 1:
+    return _ChunkedSimSoftmaxLSE.apply(anchors, candidates, positive_index_N, neg_log_scale_N, block_size,
+                                       family)
+
+
+def chunked_sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.05,
+                            weight_gamma: float = 0.0, tau_min: Optional[float] = None,
+                            tau_max: Optional[float] = None, tau_gamma: float = 1.0,
+                            positive_index: Optional[Tensor] = None, neg_log_scale: Optional[Tensor] = None,
+                            block_size: Optional[int] = None) -> Tensor:
+    """Chunked-torch ``sim_softmax_lse``: (N,) lse, float32 (float64 for float64 inputs)."""
+    family = check_family(temperature=temperature, weight_gamma=weight_gamma, tau_min=tau_min,
+                          tau_max=tau_max, tau_gamma=tau_gamma)
+    positive_index, neg_log_scale = check_tensors(anchors, candidates, positive_index, neg_log_scale)
+    if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    hp = (float(temperature), float(weight_gamma), None if tau_min is None else float(tau_min),
-          None if tau_max is None else float(tau_max), float(tau_gamma))
-    return _ChunkedSimSoftmaxLSE.apply(anchors, candidates, pos_idx_N, nls_N, int(block_size), hp)
+    return chunked_lse(anchors, candidates, family, positive_index, neg_log_scale,
+                       None if block_size is None else int(block_size))
+
+
+@torch.no_grad()
+def mean_negative_weight(anchors: Tensor, candidates: Tensor, *, weight_gamma: float,
+                         positive_index: Optional[Tensor] = None, block_size: int = 1024) -> Tensor:
+    """Mean over negatives j != p(i) of w_ij = ((1 - s_ij)/2)^weight_gamma, (N,), memory O(N x block)."""
+    weight_gamma = check_number(weight_gamma, "weight_gamma", minimum=0.0)
+    positive_index, _ = check_tensors(anchors, candidates, positive_index)
+    n_rows, n_cols = anchors.shape[0], candidates.shape[0]
+    if n_cols < 2:
+        raise ValueError("mean_negative_weight needs at least 2 candidates (one positive, one negative)")
+    compute_dtype = torch.promote_types(anchors.dtype, torch.float32)
+    a_ND = anchors.to(compute_dtype)
+    total_N = torch.zeros(n_rows, dtype=compute_dtype, device=anchors.device)
+    for start in range(0, n_cols, block_size):
+        sim_NB = a_ND @ candidates[start:start + block_size].to(compute_dtype).T
+        if weight_gamma > 0:
+            w_NB = negative_log_weight(sim_NB.clamp_(-1.0, 1.0), weight_gamma).exp_()
+        else:
+            w_NB = torch.ones_like(sim_NB)
+        # a mask, not an index of the positive columns: nonzero() would be a GPU->CPU sync per block
+        total_N += w_NB.masked_fill_(positive_mask(positive_index, start, sim_NB.shape[1]), 0.0).sum(dim=1)
+    return total_N / (n_cols - 1)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import os
+
 import pytest
 import torch
 
 import kernels
-from kernels.sim_softmax import sim_softmax_lse_ref
+from kernels import sim_softmax_lse_ref
 from tests.test_kernels_helpers import (
     CASES,
     assert_close_scaled,
@@ -57,6 +60,76 @@ def test_reference_upcast_false_keeps_float32():
     assert_close_scaled(lse, dense_lse_fp64(a.float(), c.float()), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["infonce", "weight_temp", "perm_nls"])
+def test_reference_upcast_false_computes_in_bfloat16(case):
+    # the "torch in the same dtype" baseline: bf16 stays bf16 (lse and grads), farther from fp64 than upcast
+    a, c = make_inputs(N, M, D)
+    a16, c16 = a.bfloat16(), c.bfloat16()
+    kwargs = case_kwargs(case, N, M)
+    grad = torch.ones(N, dtype=torch.float64)
+    want = lse_and_grads(dense_lse_fp64, a16, c16, grad, torch.float64, **kwargs)
+    low = lse_and_grads(lambda x, y, **kw: sim_softmax_lse_ref(x, y, upcast=False, **kw), a16, c16, grad,
+                        torch.bfloat16, **kwargs)
+    high = lse_and_grads(sim_softmax_lse_ref, a16, c16, grad, torch.bfloat16, **kwargs)
+    assert [t.dtype for t in low] == [torch.bfloat16] * 3
+    assert high[0].dtype == torch.float32 and high[1].dtype == torch.bfloat16
+    assert_close_scaled(low[0], want[0], rtol=2e-2, atol=2e-2)
+    assert_close_scaled(high[0], want[0], rtol=1e-6, atol=1e-6)
+    assert (low[0].double() - want[0]).abs().max() > (high[0].double() - want[0]).abs().max()
+
+
+def test_reference_backend_computes_in_float32_for_bfloat16():
+    a, c = make_inputs(N, M, D)
+    kwargs = case_kwargs("weight_temp", N, M)
+    lse = kernels.sim_softmax_lse(a.bfloat16(), c.bfloat16(), backend="reference", **kwargs)
+    assert lse.dtype == torch.float32
+    assert_close_scaled(lse, dense_lse_fp64(a.bfloat16(), c.bfloat16(), **kwargs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
+def test_no_host_reads_of_device_tensors(backend):
+    """On the meta device any read of tensor values (.item(), .tolist(), nonzero) raises: the op, its
+    backward and mean_negative_weight only check shapes there, i.e. never sync a GPU with the host."""
+    a = torch.randn(6, 8, device="meta", requires_grad=True)
+    c = torch.randn(10, 8, device="meta", requires_grad=True)
+    pos, nls = torch.arange(6, device="meta") + 2, torch.zeros(6, device="meta")
+    lse = kernels.sim_softmax_lse(a, c, weight_gamma=1.5, tau_min=0.03, tau_max=0.1, positive_index=pos,
+                                  neg_log_scale=nls, backend=backend)
+    lse.sum().backward()
+    assert lse.shape == (6,) and a.grad.shape == (6, 8) and c.grad.shape == (10, 8)
+    assert kernels.mean_negative_weight(a, c, weight_gamma=2.0, positive_index=pos).shape == (6,)
+
+
+def test_kernels_modules_import_no_cycle():
+    """The package's internal import graph (kernels.X -> kernels.Y, lazy imports in functions included) is
+    acyclic; ``from kernels import ...`` counts as importing ``__init__``."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    graph = {}
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py"):
+            with open(os.path.join(root, name)) as f:
+                tree = ast.parse(f.read())
+            modules = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+            modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+            graph[name[:-3]] = {m.split(".")[1] if "." in m else "__init__" for m in modules
+                                if m == "kernels" or m.startswith("kernels.")}
+    assert {"dispatch", "family", "reference", "chunked", "triton_op"} <= set(graph)
+    done, visiting = set(), []
+
+    def visit(mod):
+        assert mod not in visiting, f"import cycle: {' -> '.join(visiting + [mod])}"
+        if mod in done:
+            return
+        visiting.append(mod)
+        for dep in graph.get(mod, ()):
+            visit(dep)
+        visiting.pop()
+        done.add(mod)
+
+    for mod in graph:
+        visit(mod)
+
+
 @pytest.mark.parametrize("backend", ["auto", "chunked", "reference"])
 def test_functional_backends_agree_on_cpu(backend):
     a, c = make_inputs(N, M, D)
@@ -105,6 +178,9 @@ def _bad_calls():
         "neg_log_scale shape": (dict(a=a, c=c, neg_log_scale=torch.zeros(5)), "neg_log_scale"),
         "tau_min alone": (dict(a=a, c=c, tau_min=0.1), "together"),
         "temperature <= 0": (dict(a=a, c=c, temperature=0.0), "temperature"),
+        "temperature inf": (dict(a=a, c=c, temperature=float("inf")), "temperature"),
+        "negative weight_gamma": (dict(a=a, c=c, weight_gamma=-1.0), "weight_gamma"),
+        "tau_gamma <= 0": (dict(a=a, c=c, tau_min=0.1, tau_max=0.2, tau_gamma=0.0), "tau_gamma"),
         "dtype mismatch": (dict(a=a, c=c.float()), "dtype mismatch"),
     }
 

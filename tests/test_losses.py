@@ -5,11 +5,14 @@ extreme numerics, distributed equivalence and argument errors."""
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
+from trainer.config import LossConfig
 from trainer.losses import iftcl_loss, infonce_loss, softcse_loss
 
 KERNELS = ["chunked", "reference"]
@@ -372,6 +375,8 @@ def test_low_precision_inputs_give_float32_loss():
     (lambda a, c: infonce_loss(a, c, positive_index=torch.tensor([0, 1, 2, 9])), "out of range"),
     (lambda a, c: infonce_loss(a, c, positive_index=torch.zeros(4)), "integer"),
     (lambda a, c: infonce_loss(a, c, temperature=0.0), "temperature"),
+    (lambda a, c: infonce_loss(a, c, temperature=float("nan")), "temperature"),
+    (lambda a, c: iftcl_loss(a, c, c, temperature=-1.0), "temperature"),
     (lambda a, c: infonce_loss(a, c, kernel="cuda"), "kernel"),
     (lambda a, c: infonce_loss(a, c.float()), "dtype"),
     (lambda a, c: infonce_loss(a, c, queue=torch.zeros(3, 2, dtype=torch.float64)), "queue"),
@@ -385,8 +390,32 @@ def test_low_precision_inputs_give_float32_loss():
     (lambda a, c: iftcl_loss(a, c, c, twins_weight=-1.0), "twins_weight"),
     (lambda a, c: iftcl_loss(a, c, c, contrastive="mse"), "contrastive"),
     (lambda a, c: iftcl_loss(a, c, c, gamma=2.0), "need contrastive"),
+    (lambda a, c: iftcl_loss(a, c, c, contrastive="softcse", gamma=-2.0), "gamma"),
+    (lambda a, c: iftcl_loss(a, c, c, margin_high=float("inf")), "margin_high"),
 ])
 def test_bad_arguments_raise_value_error(call, match):
     a, c = unit(4, 5, seed=37), unit(4, 5, seed=38)
     with pytest.raises(ValueError, match=match):
         call(a, c)
+
+
+def test_config_kernel_choices_are_the_kernels_backends():
+    """LossConfig.kernel's Literal (trainer/config.py) must list exactly kernels.BACKENDS."""
+    assert typing.get_args(typing.get_type_hints(LossConfig)["kernel"]) == kernels.BACKENDS
+
+
+def test_losses_read_no_device_tensor_values():
+    """On the meta device any read of tensor values (.item(), int(t), nonzero) raises: the losses check only
+    scalars and shapes, so on a GPU a step costs no GPU->CPU sync (the old checks cost ~10 per IFTCL step)."""
+    a = torch.randn(6, 8, device="meta", requires_grad=True)
+    i = torch.randn(10, 8, device="meta", requires_grad=True)
+    f = torch.randn(10, 8, device="meta", requires_grad=True)
+    q, pos = torch.randn(4, 8, device="meta"), torch.arange(6, device="meta") + 2
+    outs = [
+        infonce_loss(a, i, positive_index=pos, queue=q),
+        softcse_loss(a, i, gamma=2.0, normalize_weights=True, positive_index=pos, queue=q),
+        softcse_loss(a, i, mode="temperature", tau_min=0.03, tau_max=0.2, positive_index=pos),
+        iftcl_loss(a, i, f, queue=q, positive_index=pos, contrastive="softcse", gamma=1.0, normalize_weights=True),
+    ]
+    sum(out["loss"] for out in outs).backward()
+    assert a.grad.shape == a.shape and i.grad.shape == i.shape and f.grad.shape == f.shape

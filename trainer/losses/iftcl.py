@@ -11,16 +11,15 @@ InfoNCE form when the Twins weight is 0 and there is no queue (DESIGN.md, loss m
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from trainer.losses.infonce import (check_embeddings, check_kernel, check_temperature, infonce_loss,
-                                    positive_similarity)
+from kernels.family import check_number, check_tensors
+from trainer.losses.infonce import append_queue, check_common, contrastive_terms, positive_similarity
 from trainer.losses.queue import HippocampusQueue
-from trainer.losses.softcse import softcse_loss
+from trainer.losses.softcse import softcse_family_kwargs, softcse_terms
 
 CONTRASTIVE_TERMS = ("infonce", "softcse")
 
@@ -28,12 +27,6 @@ CONTRASTIVE_TERMS = ("infonce", "softcse")
 def twins_hinge(margin_N: Tensor, margin_low: float, margin_high: float) -> Tensor:
     """Two-sided hinge ``relu(m_low - d) + relu(d - m_high)``: zero inside [m_low, m_high], linear outside."""
     return torch.relu(margin_low - margin_N) + torch.relu(margin_N - margin_high)
-
-
-def _number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def iftcl_loss(anchors: Tensor, identical: Tensor, fraternal: Tensor, *,
@@ -67,30 +60,30 @@ def iftcl_loss(anchors: Tensor, identical: Tensor, fraternal: Tensor, *,
     Returns ``{"loss", "contrastive", "twins", "identical_sim", "fraternal_sim", "margin"}``; only "loss"
     carries gradient.
     """
-    temperature = check_temperature(temperature)
-    check_kernel(kernel)
-    margin_low, margin_high = _number(margin_low, "margin_low"), _number(margin_high, "margin_high")
+    positive_index, temperature = check_common(anchors, identical, positive_index, temperature=temperature,
+                                               kernel=kernel, candidates_name="identical")
+    margin_low, margin_high = check_number(margin_low, "margin_low"), check_number(margin_high, "margin_high")
     if margin_low > margin_high:
         raise ValueError(f"margin_low must be <= margin_high, got {margin_low} > {margin_high}")
-    twins_weight = _number(twins_weight, "twins_weight")
-    if twins_weight < 0:
-        raise ValueError(f"twins_weight must be >= 0, got {twins_weight}")
+    twins_weight = check_number(twins_weight, "twins_weight", minimum=0.0)
     if contrastive not in CONTRASTIVE_TERMS:
         raise ValueError(f"contrastive must be one of {', '.join(CONTRASTIVE_TERMS)}, got {contrastive!r}")
     if contrastive == "infonce" and softcse_kwargs:
         raise ValueError(f"SoftCSE options {sorted(softcse_kwargs)} need contrastive='softcse'")
-    positive_index = check_embeddings(anchors, identical, positive_index, candidates_name="identical")
+    family = softcse_family_kwargs(temperature=temperature, **softcse_kwargs) if contrastive == "softcse" else {}
     if not isinstance(fraternal, torch.Tensor) or fraternal.shape[:1] != identical.shape[:1]:
         raise ValueError(f"identical and fraternal must have the same rows, got {identical.shape[0]} and "
                          f"{getattr(fraternal, 'shape', [type(fraternal).__name__])[0]}")
-    check_embeddings(anchors, fraternal, positive_index, candidates_name="fraternal")
+    check_tensors(anchors, fraternal, positive_index, candidates_name="fraternal")
     negatives = queue.negatives() if isinstance(queue, HippocampusQueue) else queue
 
     def term(twins: Tensor) -> dict[str, Tensor]:
-        common = dict(temperature=temperature, positive_index=positive_index, queue=negatives, kernel=kernel)
+        # the checked hot paths, not the public losses: every check above runs once per call
+        common = dict(temperature=temperature, kernel=kernel)
         if contrastive == "softcse":
-            return softcse_loss(anchors, twins, **common, **softcse_kwargs)
-        return infonce_loss(anchors, twins, **common)
+            return softcse_terms(anchors, twins, positive_index, negatives, family=family,
+                                 normalize_weights=softcse_kwargs.get("normalize_weights", False), **common)
+        return contrastive_terms(anchors, twins, append_queue(twins, negatives), positive_index, **common)
 
     contrastive_loss = 0.5 * (term(identical)["loss"] + term(fraternal)["loss"])
     identical_sim_N = positive_similarity(anchors, identical, positive_index)

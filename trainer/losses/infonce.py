@@ -15,55 +15,20 @@ import torch
 from torch import Tensor
 
 import kernels
-
-KERNEL_BACKENDS = ("auto", "triton", "chunked", "reference")
-
-
-def check_embeddings(anchors: Tensor, candidates: Tensor, positive_index: Optional[Tensor], *,
-                     candidates_name: str = "candidates") -> Tensor:
-    """Validate (N x D, M x D, positive_index) and return positive_index as a long tensor on the device."""
-    if not isinstance(anchors, Tensor) or not isinstance(candidates, Tensor):
-        raise ValueError(f"anchors and {candidates_name} must be torch.Tensor")
-    if anchors.dim() != 2 or candidates.dim() != 2:
-        raise ValueError(f"anchors and {candidates_name} must be 2-D (N x D, M x D); got "
-                         f"{tuple(anchors.shape)} and {tuple(candidates.shape)}")
-    if anchors.shape[1] != candidates.shape[1]:
-        raise ValueError(f"embedding dim mismatch: anchors D={anchors.shape[1]}, "
-                         f"{candidates_name} D={candidates.shape[1]}")
-    if anchors.shape[0] == 0 or candidates.shape[0] == 0:
-        raise ValueError(f"empty input: {anchors.shape[0]} anchors, {candidates.shape[0]} {candidates_name}")
-    if not anchors.dtype.is_floating_point or anchors.dtype != candidates.dtype:
-        raise ValueError(f"anchors and {candidates_name} must share a floating dtype; got {anchors.dtype} "
-                         f"and {candidates.dtype}")
-    if anchors.device != candidates.device:
-        raise ValueError(f"anchors on {anchors.device} but {candidates_name} on {candidates.device}")
-    num_rows, num_cols = anchors.shape[0], candidates.shape[0]
-    if positive_index is None:
-        if num_cols < num_rows:
-            raise ValueError(f"positive_index defaults to arange(N), which needs at least N={num_rows} "
-                             f"{candidates_name}; got {num_cols}")
-        return torch.arange(num_rows, device=anchors.device)
-    if not isinstance(positive_index, Tensor) or positive_index.dtype.is_floating_point \
-            or positive_index.dtype == torch.bool:
-        raise ValueError("positive_index must be an integer tensor")
-    if positive_index.shape != (num_rows,):
-        raise ValueError(f"positive_index must have shape (N,)=({num_rows},), got {tuple(positive_index.shape)}")
-    positive_index = positive_index.to(device=anchors.device, dtype=torch.long)
-    if int(positive_index.min()) < 0 or int(positive_index.max()) >= num_cols:
-        raise ValueError(f"positive_index out of range [0, {num_cols})")
-    return positive_index
+from kernels.dispatch import check_backend
+from kernels.family import check_number, check_tensors
 
 
-def check_temperature(temperature: float, name: str = "temperature") -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"{name} must be a number > 0, got {temperature!r}")
-    return float(temperature)
+def check_common(anchors: Tensor, candidates: Tensor, positive_index: Optional[Tensor], *, temperature: float,
+                 kernel: str, candidates_name: str = "candidates") -> tuple[Tensor, float]:
+    """The checks every public loss starts with: (positive_index as a long tensor on the device, temperature).
 
-
-def check_kernel(kernel: str) -> str:
-    if kernel not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNEL_BACKENDS)}, got {kernel!r}")
-    return kernel
+    Python scalars and shapes only: nothing here reads a device tensor's values (no GPU->CPU sync).
+    """
+    temperature = check_number(temperature, "temperature", minimum=0.0, strict=True)
+    check_backend(kernel, "kernel")
+    positive_index, _ = check_tensors(anchors, candidates, positive_index, candidates_name=candidates_name)
+    return positive_index, temperature
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -93,6 +58,17 @@ def append_queue(candidates: Tensor, queue: Optional[Tensor]) -> Tensor:
     return torch.cat([candidates, queue.detach().to(device=candidates.device, dtype=candidates.dtype)])
 
 
+def contrastive_terms(anchors: Tensor, candidates: Tensor, columns: Tensor, positive_index: Tensor, *,
+                      temperature: float, kernel: str, **family) -> dict[str, Tensor]:
+    """Hot path shared by InfoNCE and SoftCSE, on inputs the public function checked: mean_i of
+    ``lse_i - s_ip / tau`` with lse over ``columns`` (candidates + queue) and the ``family`` keywords."""
+    lse_N = kernels.sim_softmax_lse(anchors, columns, temperature=temperature, positive_index=positive_index,
+                                    backend=kernel, **family)
+    pos_sim_N = positive_similarity(anchors, candidates, positive_index)
+    loss = (lse_N.to(pos_sim_N.dtype) - pos_sim_N / temperature).mean()
+    return {"loss": loss, "pos_sim": pos_sim_N.detach().mean()}
+
+
 def infonce_loss(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.05,
                  positive_index: Optional[Tensor] = None, queue: Optional[Tensor] = None,
                  kernel: str = "auto") -> dict[str, Tensor]:
@@ -108,12 +84,7 @@ def infonce_loss(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.
     Returns ``{"loss": scalar with grad, "pos_sim": mean s_ip (detached)}``; float32 (float64 for float64
     inputs) whatever the input precision.
     """
-    temperature = check_temperature(temperature)
-    check_kernel(kernel)
-    positive_index = check_embeddings(anchors, candidates, positive_index)
-    columns = append_queue(candidates, queue)
-    lse_N = kernels.sim_softmax_lse(anchors, columns, temperature=temperature, positive_index=positive_index,
-                                    backend=kernel)
-    pos_sim_N = positive_similarity(anchors, candidates, positive_index)
-    loss = (lse_N.to(pos_sim_N.dtype) - pos_sim_N / temperature).mean()
-    return {"loss": loss, "pos_sim": pos_sim_N.detach().mean()}
+    positive_index, temperature = check_common(anchors, candidates, positive_index, temperature=temperature,
+                                               kernel=kernel)
+    return contrastive_terms(anchors, candidates, append_queue(candidates, queue), positive_index,
+                             temperature=temperature, kernel=kernel)

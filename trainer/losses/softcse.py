@@ -9,15 +9,14 @@ contain InfoNCE as an exact limit (DESIGN.md, loss math contract). Both are comp
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 import kernels
-from trainer.losses.infonce import (append_queue, check_embeddings, check_kernel, check_temperature,
-                                    positive_similarity)
+from kernels.family import check_number
+from trainer.losses.infonce import append_queue, check_common, contrastive_terms
 
 SOFTCSE_MODES = ("weight", "temperature")
 # A row whose negatives all weigh 0 (every negative at s = 1) would get log(mean w) = -inf; flooring the
@@ -25,26 +24,43 @@ SOFTCSE_MODES = ("weight", "temperature")
 _MIN_MEAN_WEIGHT = 1e-30
 
 
-def softcse_family_kwargs(*, mode: str, temperature: float, gamma: float, tau_min: Optional[float],
-                          tau_max: Optional[float], normalize_weights: bool) -> dict:
-    """Validate SoftCSE hyper-parameters; return the ``sim_softmax_lse`` family keywords."""
+def softcse_family_kwargs(*, temperature: float, mode: str = "weight", gamma: float = 1.0,
+                          tau_min: Optional[float] = None, tau_max: Optional[float] = None,
+                          normalize_weights: bool = False) -> dict:
+    """Validate SoftCSE hyper-parameters (defaults: ``softcse_loss``'s); return the ``sim_softmax_lse``
+    family keywords."""
     if mode not in SOFTCSE_MODES:
         raise ValueError(f"mode must be one of {', '.join(SOFTCSE_MODES)}, got {mode!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (gamma >= 0 and math.isfinite(gamma)):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    gamma = check_number(gamma, "gamma", minimum=0.0)
     if mode == "weight":
         if tau_min is not None or tau_max is not None:
             raise ValueError("tau_min/tau_max apply to mode='temperature' only")
-        return {"weight_gamma": float(gamma)}
+        return {"weight_gamma": gamma}
     if normalize_weights:
         raise ValueError("normalize_weights applies to mode='weight' only")
-    tau_min = temperature if tau_min is None else check_temperature(tau_min, "tau_min")
-    tau_max = temperature if tau_max is None else check_temperature(tau_max, "tau_max")
+    tau_min = temperature if tau_min is None else check_number(tau_min, "tau_min", minimum=0.0, strict=True)
+    tau_max = temperature if tau_max is None else check_number(tau_max, "tau_max", minimum=0.0, strict=True)
     # gamma = 0 would make the ramp a constant tau_max (0^0 = 1): a valid but surprising family; the kernel
     # needs tau_gamma > 0, and ((1 + s)/2)^gamma -> 1 as gamma -> 0 for s > -1, so use tau_max directly.
     if gamma == 0:
         return {"tau_min": tau_max, "tau_max": tau_max, "tau_gamma": 1.0}
-    return {"tau_min": tau_min, "tau_max": tau_max, "tau_gamma": float(gamma)}
+    return {"tau_min": tau_min, "tau_max": tau_max, "tau_gamma": gamma}
+
+
+def softcse_terms(anchors: Tensor, candidates: Tensor, positive_index: Tensor, queue: Optional[Tensor], *,
+                  temperature: float, kernel: str, family: dict, normalize_weights: bool) -> dict[str, Tensor]:
+    """Hot path of ``softcse_loss`` on checked inputs (``family`` from ``softcse_family_kwargs``)."""
+    columns = append_queue(candidates, queue)
+    out: dict[str, Tensor] = {}
+    neg_log_scale = None
+    if normalize_weights and columns.shape[0] > 1:
+        mean_w_N = kernels.mean_negative_weight(anchors.detach(), columns.detach(),
+                                                weight_gamma=family["weight_gamma"], positive_index=positive_index)
+        neg_log_scale = -torch.log(mean_w_N.clamp_min(_MIN_MEAN_WEIGHT))
+        out["mean_neg_weight"] = mean_w_N.mean()
+    terms = contrastive_terms(anchors, candidates, columns, positive_index, temperature=temperature,
+                              kernel=kernel, neg_log_scale=neg_log_scale, **family)
+    return {**terms, **out}
 
 
 def softcse_loss(anchors: Tensor, candidates: Tensor, *, mode: str = "weight", temperature: float = 0.05,
@@ -77,21 +93,9 @@ def softcse_loss(anchors: Tensor, candidates: Tensor, *, mode: str = "weight", t
     Returns ``{"loss", "pos_sim"}`` (+ ``"mean_neg_weight"`` when ``normalize_weights``), all but "loss"
     detached.
     """
-    temperature = check_temperature(temperature)
-    check_kernel(kernel)
+    positive_index, temperature = check_common(anchors, candidates, positive_index, temperature=temperature,
+                                               kernel=kernel)
     family = softcse_family_kwargs(mode=mode, temperature=temperature, gamma=gamma, tau_min=tau_min,
                                    tau_max=tau_max, normalize_weights=normalize_weights)
-    positive_index = check_embeddings(anchors, candidates, positive_index)
-    columns = append_queue(candidates, queue)
-    out: dict[str, Tensor] = {}
-    neg_log_scale = None
-    if normalize_weights and columns.shape[0] > 1:
-        mean_w_N = kernels.mean_negative_weight(anchors.detach(), columns.detach(), weight_gamma=family["weight_gamma"],
-                                                positive_index=positive_index)
-        neg_log_scale = -torch.log(mean_w_N.clamp_min(_MIN_MEAN_WEIGHT))
-        out["mean_neg_weight"] = mean_w_N.mean()
-    lse_N = kernels.sim_softmax_lse(anchors, columns, temperature=temperature, positive_index=positive_index,
-                                    neg_log_scale=neg_log_scale, backend=kernel, **family)
-    pos_sim_N = positive_similarity(anchors, candidates, positive_index)
-    loss = (lse_N.to(pos_sim_N.dtype) - pos_sim_N / temperature).mean()
-    return {"loss": loss, "pos_sim": pos_sim_N.detach().mean(), **out}
+    return softcse_terms(anchors, candidates, positive_index, queue, temperature=temperature, kernel=kernel,
+                         family=family, normalize_weights=normalize_weights)

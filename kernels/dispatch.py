@@ -1,0 +1,74 @@
+"""The public functional ``sim_softmax_lse``: validates once, then dispatches to a backend.
+
+Backends: "triton" (``kernels/triton_op.py``), "chunked" (``kernels/chunked.py``), "reference"
+(``kernels/reference.py``); "auto" picks Triton for CUDA tensors when triton imports, else chunked.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kernels.chunked import chunked_lse
+from kernels.family import check_family, check_tensors
+from kernels.reference import dense_lse
+
+# The one list of backend names (trainer's LossConfig.kernel Literal must list the same; a test checks it).
+BACKENDS = ("auto", "triton", "chunked", "reference")
+
+try:
+    import triton  # noqa: F401
+
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    _HAS_TRITON = False
+
+if _HAS_TRITON:
+    from kernels.triton_op import triton_lse
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package imported (the Triton backend exists)."""
+    return _HAS_TRITON
+
+
+def check_backend(backend: str, name: str = "backend") -> str:
+    """``backend`` when it is one of BACKENDS; else ValueError naming the argument (``name``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown {name} {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _resolve_backend(backend: str, anchors: Tensor) -> str:
+    check_backend(backend)
+    if backend == "auto":
+        on_gpu = isinstance(anchors, Tensor) and anchors.is_cuda and anchors.dtype != torch.float64
+        return "triton" if on_gpu and _HAS_TRITON else "chunked"
+    if backend == "triton" and not _HAS_TRITON:
+        raise ValueError("backend='triton' requested but triton is not installed")
+    return backend
+
+
+def sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.05,
+                    weight_gamma: float = 0.0, tau_min: Optional[float] = None, tau_max: Optional[float] = None,
+                    tau_gamma: float = 1.0, positive_index: Optional[Tensor] = None,
+                    neg_log_scale: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Per-row ``lse_i = log sum_j w_ij exp(s_ij / tau_ij)`` (N,), differentiable in both inputs.
+
+    See ``kernels/__init__.py`` for the math. ``backend``: "auto" (Triton on CUDA when importable, else
+    "chunked"), "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "chunked", "reference". lse is
+    float32 (float64 for float64 inputs on the torch backends); input gradients have the input dtype.
+    """
+    resolved = _resolve_backend(backend, anchors)
+    family = check_family(temperature=temperature, weight_gamma=weight_gamma, tau_min=tau_min,
+                          tau_max=tau_max, tau_gamma=tau_gamma)
+    positive_index, neg_log_scale = check_tensors(anchors, candidates, positive_index, neg_log_scale,
+                                                  default_index=resolved != "triton")
+    if resolved == "triton":
+        return triton_lse(anchors, candidates, family, positive_index, neg_log_scale)
+    if resolved == "reference":
+        return dense_lse(anchors, candidates, family, positive_index, neg_log_scale,
+                         torch.promote_types(anchors.dtype, torch.float32))
+    return chunked_lse(anchors, candidates, family, positive_index, neg_log_scale)
