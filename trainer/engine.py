@@ -148,10 +148,11 @@ def train(
     """Train as configured. `resume=True` continues from the last checkpoint in `output_dir` (a path: from that
     checkpoint). `on_step(step, loss)` is called on every rank after each optimizer step (tests use it to
     simulate a crash)."""
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
-    from trainer.augment import make_fraternal
-    from trainer.data import TrainStream
+    from trainer.data import TrainStream, make_fraternal, prepare_train_source
     from trainer.losses import build_objective
     from trainer.model import build_encoder
     from trainer.tracking import Tracker, ui_command
@@ -186,8 +187,10 @@ def train(
     model = build_encoder(cfg.model)
     objective = build_objective(cfg.loss)
     fraternal = make_fraternal(cfg.data.augment) if objective.needs_fraternal else None
+    # A text corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
+    train_source = prepare_train_source(cfg.data, output_dir, progress=main)
     stream = TrainStream(
-        cfg.data,
+        replace(cfg.data, train=train_source),
         model.tokenizer,
         max_length=cfg.model.max_length,
         seed=cfg.seed,
