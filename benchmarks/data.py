@@ -92,7 +92,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from trainer.model import resolve_model_path
-    from trainer.shards import build_shards
+    from trainer.data import build_shards
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-data-"))
     work.mkdir(parents=True, exist_ok=True)

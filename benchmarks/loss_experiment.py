@@ -64,7 +64,7 @@ def shard_corpus(corpus: str, folder: Path) -> Path:
         sys.exit(f"error: corpus not found: {corpus}")
     print(f"sharding {corpus} -> {folder}", flush=True)
     sys.path.insert(0, str(ROOT))
-    from trainer.shards import build_shards
+    from trainer.data import build_shards
 
     build_shards([corpus], folder)
     return folder

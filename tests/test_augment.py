@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from trainer.augment import make_fraternal
+from trainer.data import make_fraternal
 from trainer.config import AugmentConfig
 
 SENTENCES = [

@@ -1,5 +1,6 @@
 """TrainStream: exactly-once epochs over ranks x workers, equal batch counts, resume, resample, sources
-(folder, glob, pipe: URL, manifest URL, text file), bad shards under both policies, tokenizer exactness."""
+(folder, glob, pipe: URL, manifest URL; a text file sharded by prepare_train_source, never by the stream),
+bad shards under both policies, typed worker records, tokenizer exactness."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 from tests.helpers import WORDS, write_corpus, write_vocab
 from trainer.config import DataConfig
-from trainer.data import TrainStream, _HFEncoder, _PROBES, _WordPieceEncoder, make_batch_encoder
+from trainer.data import TrainStream, build_shards, iter_tar_samples, make_batch_encoder, prepare_train_source
+from trainer.data.stream import WorkerBatch, WorkerError, _EpochDataset
+from trainer.data.tokenize import _PROBES, _HFEncoder, _WordPieceEncoder
 from trainer.errors import UserError
-from trainer.shards import build_shards
 
 NUM = 103  # sentences; 11 shards of 10 (the last holds 3): divisible by no R x W x B used below
 BATCH = 4
@@ -99,8 +101,6 @@ def test_one_epoch_is_exactly_once_with_equal_batch_counts(shard_dir, tokenizer,
     order = []
     for shard_index in plan.order:
         with open(stream.shards[shard_index].url, "rb") as fh:
-            from trainer.shards import iter_tar_samples
-
             order += [int(k) for k, _ in iter_tar_samples(fh, "x")]
     assert sorted(order) == list(range(NUM))
     assert set(seen) == set(order[: world * k * BATCH])
@@ -246,21 +246,33 @@ def test_glob_brace_and_pipe_urls(shard_dir, tokenizer, lookup, tmp_path):
     assert len(set(got)) == expected
 
 
-def test_text_file_is_sharded_on_the_fly_and_reused(corpus, tokenizer, lookup, tmp_path):
-    stream = make(corpus, tokenizer, tmp_path, shard_size=16)
-    manifest = tmp_path / "work" / "shards" / "manifest.json"
+def test_text_corpus_is_sharded_before_the_stream_and_reused(corpus, shard_dir, tokenizer, lookup, tmp_path):
+    work = tmp_path / "work"
+    spec = prepare_train_source(DataConfig(train=str(corpus), shard_size=16), work)
+    assert spec == str(work / "shards")
+    manifest = work / "shards" / "manifest.json"
     assert json.loads(manifest.read_text())["num_shards"] == 7
     stamp = manifest.stat().st_mtime_ns
-    got = [i for b in epoch_rows(stream, lookup) for i in b]
+    got = [i for b in epoch_rows(make(spec, tokenizer, tmp_path), lookup) for i in b]
     assert len(set(got)) == NUM // BATCH * BATCH
-    make(corpus, tokenizer, tmp_path, shard_size=16)
+    prepare_train_source(DataConfig(train=str(corpus), shard_size=16), work)
     assert manifest.stat().st_mtime_ns == stamp  # reused
-    make(corpus, tokenizer, tmp_path, shard_size=32)
+    prepare_train_source(DataConfig(train=str(corpus), shard_size=32), work)
     assert json.loads(manifest.read_text())["num_shards"] == 4  # rebuilt for other options
+    for shards in (str(shard_dir), f"{shard_dir}/shard-*.tar", f"pipe:cat {shard_dir}/manifest.json"):
+        assert prepare_train_source(DataConfig(train=shards), work) == shards  # shards pass through untouched
     with pytest.raises(UserError, match="not found"):
-        make(tmp_path / "nope.txt", tokenizer, tmp_path)
+        prepare_train_source(DataConfig(train=str(tmp_path / "nope.txt")), work)
     with pytest.raises(UserError, match="matches no file"):
         make(tmp_path / "nope-*.tar", tokenizer, tmp_path)
+
+
+def test_stream_never_shards_a_text_corpus(corpus, tokenizer, tmp_path):
+    with pytest.raises(UserError, match="is a text corpus.*prepare_train_source"):
+        make(corpus, tokenizer, tmp_path)
+    assert not (tmp_path / "work" / "shards").exists()
+    with pytest.raises(UserError, match="not found"):
+        make(tmp_path / "nope.txt", tokenizer, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,6 +358,28 @@ def test_no_resource_warning_when_iteration_stops_early(shard_dir, tokenizer, tm
             del it
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.timeout(60)
+def test_workers_send_typed_records(shard_dir, tokenizer, tmp_path):
+    import torch
+
+    stream = make(shard_dir, tokenizer, tmp_path, workers=2)
+    loader = torch.utils.data.DataLoader(_EpochDataset(stream, 0, 0), batch_size=None, num_workers=2)
+    records = list(loader)
+    assert len(records) == NUM // BATCH
+    for record in records:  # passed through the DataLoader untouched: numpy arrays, not tensors
+        assert type(record) is WorkerBatch and record.skipped == []
+        assert all(isinstance(v, np.ndarray) and v.dtype == np.int64 for v in record.arrays.values())
+        assert record.arrays["input_ids"].shape[0] == BATCH
+    copy, bad = _broken_copy(shard_dir, tmp_path, "corrupt")
+    records = list(_EpochDataset(make(copy, tokenizer, tmp_path), 0, 0))
+    assert all(type(r) is WorkerBatch for r in records[:-1])
+    assert type(records[-1]) is WorkerError and "shard-000003.tar: corrupt tar header" in records[-1].message
+    records = list(_EpochDataset(make(copy, tokenizer, tmp_path, on_error="skip"), 0, 0))
+    assert len(records) == NUM // BATCH and all(type(r) is WorkerBatch for r in records)
+    notices = [n for r in records for n in r.skipped]
+    assert [n["shard"] for n in notices] == [bad] and "corrupt tar header" in notices[0]["reason"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer import shards
+import trainer.data.build as build_module
+from trainer.data import ShardError, build_shards, iter_tar_samples, read_manifest, tar_bytes
 from trainer.errors import UserError
-from trainer.shards import ShardError, build_shards, iter_tar_samples, read_manifest
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -135,14 +135,14 @@ def test_rerun_is_safe_and_a_crash_leaves_no_partial_shard(tmp_path, monkeypatch
     again = build_shards([src], out, shard_size=5, progress=False)
     assert again == first  # same input -> same bytes, same manifest
 
-    real = shards._write_shard
+    real = build_module._write_shard
 
     def crash_on_third(output_dir, index, first_index, texts):
         if index == 2:
             raise KeyboardInterrupt("simulated crash")
         return real(output_dir, index, first_index, texts)
 
-    monkeypatch.setattr(shards, "_write_shard", crash_on_third)
+    monkeypatch.setattr(build_module, "_write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         build_shards([src], out, shard_size=4, progress=False)
     assert not (out / "manifest.json").exists()  # the folder reads as incomplete
@@ -150,7 +150,7 @@ def test_rerun_is_safe_and_a_crash_leaves_no_partial_shard(tmp_path, monkeypatch
     for tar in out.glob("shard-*.tar"):  # every shard on disk is a complete archive
         with open(tar, "rb") as fh:
             assert sum(1 for _ in iter_tar_samples(fh, tar.name)) in (4, 5)
-    monkeypatch.setattr(shards, "_write_shard", real)
+    monkeypatch.setattr(build_module, "_write_shard", real)
 
     fewer = build_shards([src], out, shard_size=20, progress=False)
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
@@ -228,7 +228,7 @@ def test_reader_on_archives_from_tarfile(fmt):
 
 
 def test_reader_rejects_truncated_and_corrupt_archives():
-    data = shards.tar_bytes([(f"{i:010d}", f"sentence {i}") for i in range(5)])
+    data = tar_bytes([(f"{i:010d}", f"sentence {i}") for i in range(5)])
     # member i: header at 1024 i, its 10 data bytes at 1024 i + 512 (then zero padding to the block)
     for cut in (4096 + 300, 4608 + 4, 512 + 3):  # inside a header, inside member data
         with pytest.raises(ShardError, match="truncated"):

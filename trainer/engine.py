@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -179,8 +179,7 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     """Accelerator, output folder, model, objective, data stream, `prepare`, resume, tracking."""
     from accelerate.utils import set_seed
 
-    from trainer.augment import make_fraternal
-    from trainer.data import TrainStream
+    from trainer.data import TrainStream, make_fraternal, prepare_train_source
     from trainer.losses import build_objective
     from trainer.model import build_encoder
     from trainer.tracking import Tracker
@@ -201,8 +200,10 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     set_seed(cfg.seed)
     model = build_encoder(cfg.model)
     objective = build_objective(cfg.loss)
+    # A text corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
+    train_source = prepare_train_source(cfg.data, output_dir, progress=main)
     stream = TrainStream(
-        cfg.data,
+        replace(cfg.data, train=train_source),
         model.tokenizer,
         max_length=cfg.model.max_length,
         seed=cfg.seed,

@@ -2,7 +2,7 @@
 
 After "Identical and Fraternal Twins: Fine-Grained Semantic Contrastive Learning of Sentence
 Representations" (2023). Each anchor has two positives: its identical twin (same text, another dropout
-mask) and its fraternal twin (a token-level augmentation, ``trainer/augment.py``). The paper's exact
+mask) and its fraternal twin (a token-level augmentation, ``trainer/data/augment.py``). The paper's exact
 functions could not be read from any available source; the form below carries its stated mechanisms (two
 positives, a Twins loss that keeps the fraternal twin a little farther than the identical one instead of
 pulling it all the way in, a hippocampus queue of past embeddings as extra negatives) and reduces to an

@@ -1,0 +1,70 @@
+"""Training data: corpus -> webdataset shards -> exact, resumable, rank- and worker-split token batches.
+
+Modules, from the bottom up (each imports only the ones above it):
+
+- `shard_format`: the tar format of a shard (writer, streaming reader) and manifest.json.
+- `sources`: what `data.train` names (folder, .tar glob, URLs, manifest URL, text corpus), resolved to shards
+  with sample counts, the bad-shard policy at build time, and the work-dir lock.
+- `build`: text / .gz / jsonl corpus -> shards (`build_shards`), and `prepare_train_source`, which shards a
+  corpus named by `data.train` before the stream is built.
+- `tokenize`: exact, fast batch encoders (`make_batch_encoder`).
+- `augment`: the fraternal twin (token-level edits) of IFTCL.
+- `stream`: `TrainStream`, the epoch plan, the rank and worker split, resume, DataLoader plumbing.
+"""
+
+from trainer.data.augment import FraternalAugmenter, make_fraternal
+from trainer.data.build import (
+    DEFAULT_MAX_CHARS,
+    DEFAULT_SHARD_SIZE,
+    SKIP_REASONS,
+    build_shards,
+    manifest_matches,
+    prepare_train_source,
+)
+from trainer.data.shard_format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_NAME,
+    ShardError,
+    count_samples,
+    iter_tar_samples,
+    open_shard,
+    parse_manifest,
+    read_manifest,
+    sample_key,
+    tar_bytes,
+)
+from trainer.data.sources import Shard, Source, expand_inputs, parse_source, resolve_shards
+from trainer.data.stream import TrainStream, WorkerBatch, WorkerError
+from trainer.data.tokenize import make_batch_encoder
+
+__all__ = [
+    "DEFAULT_MAX_CHARS",
+    "DEFAULT_SHARD_SIZE",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "SHARD_NAME",
+    "SKIP_REASONS",
+    "FraternalAugmenter",
+    "Shard",
+    "ShardError",
+    "Source",
+    "TrainStream",
+    "WorkerBatch",
+    "WorkerError",
+    "build_shards",
+    "count_samples",
+    "expand_inputs",
+    "iter_tar_samples",
+    "make_batch_encoder",
+    "make_fraternal",
+    "manifest_matches",
+    "open_shard",
+    "parse_manifest",
+    "parse_source",
+    "prepare_train_source",
+    "read_manifest",
+    "resolve_shards",
+    "sample_key",
+    "tar_bytes",
+]
