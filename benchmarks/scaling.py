@@ -72,7 +72,8 @@ def _accelerator(mixed_precision: str):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # The trainer's topology rules (PLATFORM.md): cpu=True under torchrun on CPU, but never with DeepSpeed
+    # The trainer's topology rules (trainer/runtime.py): cpu=True under torchrun on CPU (plain Accelerator() sees
+    # world size 1 there), but never with DeepSpeed
     # (Accelerate silently drops DeepSpeed when cpu=True); gloo on CPU.
     dist.skip_deepspeed_cpu_jit_ops()
     on_cpu = not torch.cuda.is_available()
