@@ -343,6 +343,7 @@ def test_cli_evaluate_malformed_file_is_one_error_line(tmp_path, capsys):
 
     SentenceEncoder.load(make_tiny_encoder_dir(tmp_path), pooler="mean").save(tmp_path / "ckpt" / "model")
     path = _stsb_with(tmp_path, 2, "g\tMSRvid\t2012\t0001\tx\ty\tz")
+    capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "ckpt"), "--sts-dir", str(path.parents[1])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {path}:2: score 'x' is not a number"]
