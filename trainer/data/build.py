@@ -40,6 +40,7 @@ __all__ = [
     "SKIP_REASONS",
     "build_shards",
     "expand_inputs",
+    "skip_summary",
     "manifest_matches",
     "prepare_train_source",
 ]
@@ -97,14 +98,22 @@ def _raw_blocks(path: Path) -> Iterator[tuple[list[bytes], int]]:
 
 
 class _Cleaner:
-    """Turns raw lines into kept sentences, counting every skip by reason (first occurrence wins on dedup)."""
+    """Turns raw lines into kept sentences, counting every skip by reason (first occurrence wins on dedup) and
+    noting where the first skip of each reason was (`path:line`)."""
 
-    def __init__(self, *, jsonl: bool, field: str, dedup: bool, min_chars: int, max_chars: int):
+    def __init__(self, path: Path, *, jsonl: bool, field: str, dedup: bool, min_chars: int, max_chars: int):
+        self.path = path
         self.jsonl, self.field, self.dedup = jsonl, field, dedup
         self.min_chars, self.max_chars = min_chars, max_chars
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+        self.first: dict[str, str] = {}
         self.seen: set[bytes] = set()
         self.lines = 0
+
+    def _skip(self, reason: str, line_number: int) -> None:
+        self.skipped[reason] += 1
+        if reason not in self.first:
+            self.first[reason] = f"{self.path}:{line_number}"
 
     def _decode(self, lines: list[bytes]) -> list[Optional[str]]:
         try:  # one decode call per block is ~10x faster than per line; fall back only if the block is bad
@@ -119,39 +128,40 @@ class _Cleaner:
             return out
 
     def clean(self, lines: list[bytes]) -> list[str]:
+        first_line = self.lines + 1
         self.lines += len(lines)
-        skipped = self.skipped
+        skip = self._skip
         kept: list[str] = []
-        for line in self._decode(lines):
+        for number, line in enumerate(self._decode(lines), first_line):
             if line is None:
-                skipped["invalid_utf8"] += 1
+                skip("invalid_utf8", number)
                 continue
             if self.jsonl:
                 if not line.strip():
-                    skipped["empty"] += 1
+                    skip("empty", number)
                     continue
                 try:
                     obj = json.loads(line)
                 except ValueError:
-                    skipped["bad_json"] += 1
+                    skip("bad_json", number)
                     continue
                 line = obj.get(self.field) if isinstance(obj, dict) else None
                 if not isinstance(line, str):
-                    skipped["bad_json"] += 1
+                    skip("bad_json", number)
                     continue
             line = line.strip()
             n = len(line)
             if n == 0:
-                skipped["empty"] += 1
+                skip("empty", number)
             elif n < self.min_chars:
-                skipped["too_short"] += 1
+                skip("too_short", number)
             elif n > self.max_chars:
-                skipped["too_long"] += 1
+                skip("too_long", number)
             elif self.dedup:
                 # 128-bit digests instead of the strings: ~50 bytes a line; deterministic, unlike hash().
                 digest = hashlib.blake2b(line.encode("utf-8"), digest_size=16).digest()
                 if digest in self.seen:
-                    skipped["duplicate"] += 1
+                    skip("duplicate", number)
                 else:
                     self.seen.add(digest)
                     kept.append(line)
@@ -280,7 +290,7 @@ def _read_inputs(files: list[Path], writer: _ShardWriter, bar: Any, *, field: Op
     """Feed the kept lines of every input, in order, to `writer`; the cleaners (one per file) hold the counts."""
     cleaners: list[_Cleaner] = []
     for path in files:
-        cleaner = _Cleaner(jsonl=field is not None or _is_jsonl(path), field=field or "text", dedup=dedup,
+        cleaner = _Cleaner(path, jsonl=field is not None or _is_jsonl(path), field=field or "text", dedup=dedup,
                            min_chars=min_chars, max_chars=max_chars)
         if cleaners:
             cleaner.seen = cleaners[-1].seen  # dedup spans all inputs
@@ -297,13 +307,16 @@ def _read_inputs(files: list[Path], writer: _ShardWriter, bar: Any, *, field: Op
 def _manifest(files: list[Path], cleaners: list[_Cleaner], entries: list[dict], num_samples: int,
               options: dict, records: list[dict]) -> dict:
     skipped = dict.fromkeys(SKIP_REASONS, 0)
+    first: dict[str, str] = {}
     for cleaner in cleaners:
         for reason, count in cleaner.skipped.items():
             skipped[reason] += count
+        for reason, where in cleaner.first.items():
+            first.setdefault(reason, where)
     num_lines = sum(c.lines for c in cleaners)
     if num_samples == 0:
         raise UserError(f"no valid sentences in {len(files)} input file(s) ({num_lines} lines; skipped: "
-                        + ", ".join(f"{k}={v}" for k, v in skipped.items() if v) + ")")
+                        + skip_summary({"skipped": skipped, "skipped_first": first}) + ")")
     return {
         "format": "webdataset",
         "version": FORMAT_VERSION,
@@ -311,10 +324,19 @@ def _manifest(files: list[Path], cleaners: list[_Cleaner], entries: list[dict], 
         "num_shards": len(entries),
         "num_lines": num_lines,
         "skipped": skipped,
+        "skipped_first": first,
         "options": options,
         "inputs": records,
         "shards": entries,
     }
+
+
+def skip_summary(manifest: dict) -> str:
+    """The lines a build skipped, by reason, with where the first of each was: `empty=2 (first: a.txt:7)`."""
+    first = manifest.get("skipped_first", {})
+    parts = [f"{reason}={count}" + (f" (first: {first[reason]})" if reason in first else "")
+             for reason, count in manifest["skipped"].items() if count]
+    return ", ".join(parts) or "none"
 
 
 def build_shards(
@@ -393,8 +415,14 @@ def prepare_train_source(data_cfg: DataConfig, work_dir: str | Path, *, progress
     inputs = [Path(p) for p in source.items]
     with work_dir_lock(work_dir):
         if manifest_matches(out, inputs, **options):
-            log.info("reusing shards in %s (inputs unchanged)", out)
+            manifest = read_manifest(out)
+            what = f"reusing shards in {out} (inputs unchanged)"
         else:
             log.info("sharding %s into %s", ", ".join(map(str, inputs)), out)
-            build_shards(inputs, out, progress=progress, **options)
+            manifest = build_shards(inputs, out, progress=progress, **options)
+            what = f"sharded into {out}"
+    # Skipped lines are counted in the manifest; say so where the user looks, with where the first ones are.
+    level = logging.WARNING if any(manifest["skipped"].values()) else logging.INFO
+    log.log(level, "%s: %d sentences from %d lines; skipped: %s", what, manifest["num_samples"],
+            manifest["num_lines"], skip_summary(manifest))
     return str(out)

@@ -9,8 +9,12 @@ A built folder holds
     DIR/shard-000000.tar, shard-000001.tar, ...   `shard_size` samples each (the last may hold fewer)
     DIR/manifest.json                             shards (samples, bytes, sha256), totals, skip report, inputs
 
-The reader streams (no seeks, so it works on pipes), skips samples without decoding them and reports
-truncation, which the exact split of the training stream and its bad-shard policy need.
+The reader streams (no seeks, so it works on pipes), skips samples without decoding them and reports every
+truncation that loses a byte of a sample or the end-of-archive marker, which the exact split of the training
+stream and its bad-shard policy need.
+
+Shard names in a manifest are plain file names (`SAFE_NAME`): they are joined to folders and to URLs, and a
+`pipe:` URL runs in a shell, so a name like `x.tar; rm -rf ~` must never get that far.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ SHARD_NAME = "shard-{:06d}.tar"
 FORMAT_VERSION = 1
 
 _BLOCK = 512
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+"""What a shard name in a manifest may hold: no `/`, no shell metacharacter, no space."""
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 _RECORD = 20 * _BLOCK  # tar record size: archives are padded to a multiple of it, as GNU tar does
 
 
@@ -116,10 +123,15 @@ def _cstr(field: bytes) -> str:
 
 
 def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
-    """(member name, data) of every regular file; raises ShardError on a truncated or corrupt archive."""
+    """(member name, data) of every regular file; raises ShardError on a truncated or corrupt archive.
+
+    Truncation anywhere is an error: a partial header, member data or its block padding past the end of the
+    file, or a missing end-of-archive marker (two zero blocks). After the marker only zero padding to whole
+    blocks may follow (tar writers pad to 10 KiB records, or not at all), so a cut there loses no sample."""
     buf = b""
     pos = 0
     eof = False
+    started = False  # any byte read: a zero-byte file is no archive at all, reported as an empty shard
     long_name: Optional[str] = None
     pax_name: Optional[str] = None
     while True:
@@ -127,15 +139,18 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
         if end > len(buf) and not eof:
             buf, pos, eof = _refill(stream, buf, pos, _BLOCK)
             end = pos + _BLOCK
+            started = started or len(buf) > 0
         if end > len(buf):
-            if pos == len(buf):
-                return  # archive without an end marker: tolerated, as tarfile does
-            raise ShardError(shard, "truncated tar (partial header at end of file)")
+            if not started:
+                return
+            where = "partial header" if pos < len(buf) else "no end-of-archive marker"
+            raise ShardError(shard, f"truncated tar ({where} at end of file)")
         name_field, size_field, kind, magic, prefix = _HEADER.unpack_from(buf, pos)
         if magic != b"ustar":
             header = buf[pos:end]
             if header.count(0) == _BLOCK:
-                return  # end-of-archive marker
+                _check_end(stream, buf[end:], shard)
+                return
             # Pre-POSIX archives have no magic; then the checksum is the only integrity check there is.
             try:
                 ok = _octal(header[148:156]) == sum(header[:148]) + 8 * 32 + sum(header[156:])
@@ -148,14 +163,15 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
         except ValueError:
             raise ShardError(shard, "corrupt tar header (bad size field)") from None
         pos = end
-        end = pos + size
-        if end > len(buf) and not eof:
-            buf, pos, eof = _refill(stream, buf, pos, size)
-            end = pos + size
-        if end > len(buf):
-            raise ShardError(shard, f"truncated tar (member data ends after {len(buf) - pos} of {size} bytes)")
-        data = buf[pos:end]
-        pos = end + (-size % _BLOCK)
+        padded = size + (-size % _BLOCK)
+        if pos + padded > len(buf) and not eof:
+            buf, pos, eof = _refill(stream, buf, pos, padded)
+        if pos + padded > len(buf):
+            got = min(len(buf) - pos, size)
+            raise ShardError(shard, f"truncated tar (member data ends after {got} of {size} bytes"
+                             + (")" if got < size else ", in its block padding)"))
+        data = buf[pos : pos + size]
+        pos += padded
         if kind == b"0" or kind == b"\0" or kind == b"7":
             name = pax_name or long_name
             if name is None:
@@ -173,6 +189,25 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
                     pax_name = value.decode("utf-8", "surrogateescape")
         else:
             long_name = pax_name = None  # directories, links, global pax headers
+
+
+def _check_end(stream: IO[bytes], rest: bytes, shard: str) -> None:
+    """`rest`: what is buffered after the first zero block. The second zero block must follow, then only
+    padding to whole blocks (its content is not checked: tar ignores it too)."""
+    size = len(rest)
+    second = rest[:_BLOCK]
+    while len(second) < _BLOCK:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            raise ShardError(shard, "truncated tar (end-of-archive marker cut short)")
+        size += len(chunk)
+        second += chunk[: _BLOCK - len(second)]
+    if second.count(0) != _BLOCK:
+        raise ShardError(shard, "corrupt tar (a zero block followed by data, not an end-of-archive marker)")
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        size += len(chunk)
+    if size % _BLOCK:
+        raise ShardError(shard, "truncated tar (record padding after the end-of-archive marker cut short)")
 
 
 def _refill(stream: IO[bytes], buf: bytes, pos: int, need: int) -> tuple[bytes, int, bool]:
@@ -209,6 +244,11 @@ def iter_tar_samples(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes
             text = data
     if text is not None:
         yield key, text  # type: ignore[misc]
+
+
+def is_url(item: str) -> bool:
+    """A webdataset URL (`pipe:`, http(s), ...), as opposed to a local path (`file:` URLs are local paths)."""
+    return bool(_SCHEME_RE.match(item)) and not item.startswith("file:")
 
 
 def open_shard(url: str) -> IO[bytes]:
@@ -254,7 +294,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def parse_manifest(text: str, where: str) -> dict:
-    """Parse manifest JSON text (from a file or a URL) and check its shape."""
+    """Parse manifest JSON text (from a file or a URL) and check its shape and its shard names."""
     try:
         manifest = json.loads(text)
         shards = manifest["shards"]
@@ -263,5 +303,10 @@ def parse_manifest(text: str, where: str) -> dict:
                 raise ValueError(entry)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{where}: not a valid shard manifest ({exc})") from None
+    for entry in shards:
+        name = entry["name"]
+        if not SAFE_NAME.fullmatch(name) or not name.strip("."):
+            raise UserError(f"{where}: shard name {name!r} is not a plain file name (letters, digits, '.', '_', "
+                            "'-'; no '/', no spaces); refusing the manifest")
     return manifest
 

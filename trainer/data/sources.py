@@ -9,9 +9,14 @@ stream is built, and the stream reads that folder. Tar parsing is our own stream
 (trainer.data.shard_format): it skips samples without decoding them and reports truncation, which the exact
 split and the bad-shard policy need.
 
-Bad shards (`on_error`): missing, empty or truncated (size differs from manifest.json) shards are found here,
-when the stream is built; `raise` stops with a UserError naming the shard, `skip` logs, records it as a
-{"shard", "reason"} record and leaves it out. Shards that fail only while being read are the stream's affair.
+Bad shards (`on_error`): missing, empty or truncated (size differs from manifest.json, or the counting read
+finds the archive cut short) shards are found here, when the stream is built, and under `data.verify: sha256`
+shards whose bytes differ from the manifest's checksum (trainer.data.verify); `raise` stops with a UserError
+naming the shard, `skip` logs, records it as a {"shard", "reason"} record and leaves it out. Shards that fail
+only while being read are the stream's affair.
+
+Shard names from a manifest are plain file names (checked by `parse_manifest`) and are shell-quoted where
+they complete a `pipe:` URL, so a manifest can never run a command.
 """
 
 from __future__ import annotations
@@ -22,17 +27,29 @@ import json
 import logging
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
-from trainer.data.shard_format import MANIFEST, ShardError, count_samples, open_shard, parse_manifest, read_manifest
+from trainer.data.shard_format import (
+    MANIFEST,
+    ShardError,
+    count_samples,
+    is_url,
+    open_shard,
+    parse_manifest,
+    read_manifest,
+)
+from trainer.data.verify import check_sha256
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Version of the tar reader whose counts work_dir/shard_counts.json holds: counts made by a reader that let
+# truncated shards through (before 2) are not trusted.
+_COUNTS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,10 @@ class Shard:
     url: str
     name: str
     num_samples: int
+    sha256: Optional[str] = None
+    """The checksum a manifest lists for it (verified under `data.verify: sha256`)."""
+    origin: str = MANIFEST
+    """Where `num_samples` comes from, for messages: manifest.json, or shard_counts.json (a counting read)."""
 
 
 @dataclass(frozen=True)
@@ -83,10 +104,6 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _is_url(item: str) -> bool:
-    return bool(_SCHEME_RE.match(item)) and not item.startswith("file:")
-
-
 def parse_source(spec: str) -> Source:
     """Classify `spec` (see `DataConfig.train`); UserError for an empty or mixed spec, a glob matching nothing,
     a folder without shards or a missing corpus file."""
@@ -96,8 +113,8 @@ def parse_source(spec: str) -> Source:
     if not spec:
         raise UserError("data.train is empty: set it to a shard folder, .tar pattern, URL or text file")
     items = wds.shardlists.expand_urls(spec)
-    if any(_is_url(i) for i in items):
-        if not all(_is_url(i) for i in items):
+    if any(is_url(i) for i in items):
+        if not all(is_url(i) for i in items):
             raise UserError(f"data.train mixes URLs and local paths: {spec}")
         if len(items) == 1 and "manifest.json" in items[0]:
             return Source("manifest_url", (items[0],))
@@ -150,11 +167,13 @@ def work_dir_lock(work_dir: Path) -> Iterator[None]:
 class _Resolver:
     """Turns `data.train` into a list of `Shard`s with sample counts, applying the bad-shard policy."""
 
-    def __init__(self, on_error: str, work_dir: Path):
+    def __init__(self, on_error: str, work_dir: Path, verify: str = "size"):
         self.on_error = on_error
         self.work_dir = work_dir
+        self.verify = verify
         self.skipped: list[dict] = []
         self.shards: list[Shard] = []
+        self.unverified = 0  # shards without a listed sha256 under verify=sha256
 
     def reject(self, name: str, reason: str) -> None:
         if self.on_error == "raise":
@@ -162,11 +181,17 @@ class _Resolver:
         log.warning("skipping shard %s: %s", name, reason)
         self.skipped.append({"shard": name, "reason": reason})
 
-    def add(self, url: str, name: str, count: int) -> None:
+    def add(self, url: str, name: str, count: int, sha256: Optional[str] = None, origin: str = MANIFEST) -> None:
         if count == 0:
-            self.reject(name, "empty (no samples with a txt field)")
-        else:
-            self.shards.append(Shard(url, name, count))
+            return self.reject(name, "empty (no samples with a txt field)")
+        if self.verify == "sha256":
+            if sha256 is None:
+                self.unverified += 1
+            else:
+                reason = check_sha256(url, sha256)
+                if reason is not None:
+                    return self.reject(name, reason)
+        self.shards.append(Shard(url, name, count, sha256, origin))
 
     def resolve(self, spec: str) -> list[Shard]:
         source = parse_source(spec)
@@ -198,7 +223,7 @@ class _Resolver:
             if "bytes" in entry and size != entry["bytes"]:
                 self.reject(str(path), f"corrupt or truncated: {size} bytes, manifest.json says {entry['bytes']}")
                 continue
-            self.add(str(path), str(path), int(entry["num_samples"]))
+            self.add(str(path), str(path), int(entry["num_samples"]), entry.get("sha256"))
 
     def _from_manifest_url(self, url: str) -> None:
         try:
@@ -207,9 +232,11 @@ class _Resolver:
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read manifest {url}: {exc}") from None
         head, _, tail = url.rpartition("manifest.json")
+        # Names are plain file names (parse_manifest); quoting them too keeps a shell out of reach for good.
+        quote = shlex.quote if url.startswith("pipe:") else str
         for entry in manifest["shards"]:
-            shard_url = head + entry["name"] + tail  # same command/host, the shard's name for the manifest's
-            self.add(shard_url, shard_url, int(entry["num_samples"]))
+            shard_url = head + quote(entry["name"]) + tail  # same command/host, the shard's name for the manifest's
+            self.add(shard_url, shard_url, int(entry["num_samples"]), entry.get("sha256"))
 
     def _count(self, items: list[tuple[str, str, str]]) -> dict[str, int | str]:
         """{cache key: sample count or failure reason} for (url, name, cache key) items, one read of each
@@ -217,9 +244,10 @@ class _Resolver:
         cache_file = self.work_dir / "shard_counts.json"
         with work_dir_lock(self.work_dir):
             try:
-                cache = json.loads(cache_file.read_text())
+                stored = json.loads(cache_file.read_text())
             except (OSError, ValueError):
-                cache = {}
+                stored = {}
+            cache = stored.get("counts", {}) if stored.get("reader") == _COUNTS_VERSION else {}
             fresh = [i for i in items if i[2] not in cache]
             if fresh:
                 log.info("counting samples in %d shards (one read each; a manifest.json avoids this)", len(fresh))
@@ -229,15 +257,17 @@ class _Resolver:
                     except ShardError as exc:
                         cache[key] = exc.reason
                 tmp = cache_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cache, indent=1))
+                tmp.write_text(json.dumps({"reader": _COUNTS_VERSION, "counts": cache}, indent=1))
                 os.replace(tmp, cache_file)
         return cache
 
-    def _add_counted(self, url: str, name: str, count: int | str) -> None:
+    def _add_counted(self, url: str, name: str, count: int | str, entry: Optional[dict] = None) -> None:
         if isinstance(count, str):
             self.reject(name, count)
+        elif entry is not None:
+            self.add(url, name, count, entry.get("sha256"))
         else:
-            self.add(url, name, count)
+            self.add(url, name, count, origin="shard_counts.json")
 
     def _from_urls(self, urls: list[str]) -> None:
         counts = self._count([(u, u, u) for u in urls])
@@ -253,6 +283,7 @@ class _Resolver:
                 for entry in read_manifest(folder)["shards"]:
                     listed[os.path.join(folder, entry["name"])] = entry
         known: dict[str, int | str] = {}
+        listed_ok: set[str] = set()  # counts (and checksums) from the manifest
         todo: list[tuple[str, str, str]] = []
         for path in paths:
             try:
@@ -263,21 +294,29 @@ class _Resolver:
             entry = listed.get(os.path.abspath(path))
             if entry is not None and entry.get("bytes") == st.st_size:
                 known[path] = int(entry["num_samples"])
+                listed_ok.add(path)
             else:
                 todo.append((path, path, f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"))
         if todo:
             counts = self._count(todo)
             known.update({path: counts[key] for path, _, key in todo})
         for path in paths:
-            self._add_counted(path, path, known[path])
+            entry = listed.get(os.path.abspath(path))
+            self._add_counted(path, path, known[path], entry if path in listed_ok else None)
 
 
-def resolve_shards(spec: str, *, work_dir: str | Path, on_error: str = "raise") -> tuple[list[Shard], list[dict]]:
+def resolve_shards(
+    spec: str, *, work_dir: str | Path, on_error: str = "raise", verify: str = "size"
+) -> tuple[list[Shard], list[dict]]:
     """Shards named by `spec` (see `DataConfig.train`) with sample counts, and the shards skipped under
     `on_error="skip"` as {"shard", "reason"} records. Counts not found in a manifest are cached in
-    `work_dir/shard_counts.json`. A text corpus is a UserError: `prepare_train_source` shards it first."""
-    resolver = _Resolver(on_error, Path(work_dir))
+    `work_dir/shard_counts.json`. `verify="sha256"` checks every shard a manifest lists a checksum for (see
+    trainer.data.verify). A text corpus is a UserError: `prepare_train_source` shards it first."""
+    resolver = _Resolver(on_error, Path(work_dir), verify)
     shards = resolver.resolve(spec)
+    if resolver.unverified:
+        log.warning("data.verify=sha256: %d shards have no sha256 in a manifest.json; only their size and tar "
+                    "structure are checked", resolver.unverified)
     if not shards:
         raise UserError(f"no readable shards in data.train={spec!r} ({len(resolver.skipped)} skipped)")
     return shards, resolver.skipped

@@ -45,6 +45,7 @@ from trainer.config import DataConfig
 from trainer.data.shard_format import ShardError, iter_tar_samples, open_shard
 from trainer.data.sources import Shard, resolve_shards
 from trainer.data.tokenize import Arrays, make_batch_encoder
+from trainer.data.verify import check_sha256
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class TrainStream:
         self.rank = rank
         self.world_size = world_size
         self.fraternal = fraternal
-        self.shards, skipped = resolve_shards(cfg.train, work_dir=work_dir, on_error=cfg.on_error)
+        self.shards, skipped = resolve_shards(cfg.train, work_dir=work_dir, on_error=cfg.on_error, verify=cfg.verify)
         self.skipped_shards: list[dict] = list(skipped)
         """Shards left out so far under `on_error: skip`, as {"shard", "reason"} records."""
         self.num_samples = sum(s.num_samples for s in self.shards)
@@ -197,17 +198,32 @@ class TrainStream:
     # -- reading -----------------------------------------------------------------------------------------
 
     def _read(self, shard: Shard, lo: int, hi: int) -> Iterator[tuple[str, str]]:
+        """Samples [lo, hi) of `shard`. A range that ends with the shard reads on to the end of the archive
+        before yielding its last sample, so a shard holding more samples than listed is an error, not a
+        silent loss of the rest (and consumers that stop after the last sample still get the check)."""
+        if self.cfg.verify == "sha256" and shard.sha256 is not None:
+            reason = check_sha256(shard.url, shard.sha256)  # cached: hashes only a file changed since
+            if reason is not None:
+                raise ShardError(shard.name, reason)
         try:
             stream = open_shard(shard.url)
         except OSError as exc:
             raise ShardError(shard.name, f"cannot open ({exc})") from None
+        to_end = hi >= shard.num_samples
         seen = 0
+        last: Optional[tuple[str, str]] = None
         try:
             for key, data in iter_tar_samples(stream, shard.name):
-                if seen >= lo:
-                    yield key, data.decode("utf-8", "replace").strip()
-                seen += 1
                 if seen >= hi:
+                    raise ShardError(shard.name, f"holds more than the {shard.num_samples} samples "
+                                                 f"{shard.origin} lists (changed, or a wrong count)")
+                if last is not None:
+                    yield last
+                    last = None
+                if seen >= lo:
+                    last = key, data.decode("utf-8", "replace").strip()
+                seen += 1
+                if seen >= hi and not to_end:
                     break
         except (OSError, EOFError, zlib.error) as exc:
             raise ShardError(shard.name, f"read error ({exc})") from None
@@ -217,6 +233,8 @@ class TrainStream:
         if seen < hi:
             reason = f"ends after {seen} samples, expected {shard.num_samples} (truncated or changed)"
             raise ShardError(shard.name, reason)
+        if last is not None:
+            yield last
 
     def _samples(self, plan: _EpochPlan, start: int, count: int, notices: list[dict]) -> Iterator[tuple[str, str]]:
         """Exactly `count` samples from global index `start` on (topped up from other shards under skip)."""
