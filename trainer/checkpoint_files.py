@@ -74,11 +74,34 @@ def _refusal(detail: str) -> str:
     return f"is refused: it holds {detail}, not only tensors and plain data; unpickling it could run code"
 
 
-def _unpickler_complaint(exc: Exception) -> str:
+def _raw_pickle_globals(path: Path) -> list[str]:
+    """The `module.name` references of a plain pickle stream, read without executing it (for the message)."""
+    import pickletools
+
+    names, strings = [], []
+    try:
+        with open(path, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(".".join(str(arg).split(" ", 1)))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 - a broken stream: what was read so far is all there is to say
+        pass
+    return names
+
+
+def _unpickler_complaint(exc: Exception, path: Path) -> str:
     text = str(exc)
     found = re.search(r"GLOBAL (\S+)", text)
     if found:
         return f"a pickled reference to {found.group(1)}"
+    known = {_qualified(g) for g in _base_globals()}
+    names = [n for n in _raw_pickle_globals(path) if n not in known]
+    if names:
+        return f"a pickled reference to {names[0]}"
     found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     return f"pickle instructions a tensor file never has ({found.group(1).strip() if found else 'unknown'})"
 
@@ -114,13 +137,14 @@ def load_restricted(path: Path, *, mmap: bool = False) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the loader says, the file is not usable
         if "Weights only load failed" in str(exc) or "WeightsUnpickler" in str(exc):
-            raise CheckpointFileError(path, _refusal(_unpickler_complaint(exc))) from None
+            raise CheckpointFileError(path, _refusal(_unpickler_complaint(exc, path))) from None
         raise CheckpointFileError(path, f"is corrupt or truncated ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:200]
+    # the first sentence: torch's zip reader goes on about "an internal miniz error"
+    return (lines[0] if lines else type(exc).__name__).split(". ")[0][:200]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,5 +210,5 @@ def verify_checkpoint(folder: Path) -> dict:
             )
     extra = sorted(set(on_disk) - set(written))
     if extra:
-        raise CheckpointFileError(folder / extra[0], "was not written by the trainer; remove it to resume")
+        raise CheckpointFileError(folder / extra[0], "was not written by the trainer (remove it)")
     return state

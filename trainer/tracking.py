@@ -214,10 +214,13 @@ class Tracker:
             return []
         if self._failed:
             where = f"run {self.run_id}" if self.run_id else "the run (not created yet)"
+            command = REPLAY_COMMAND.format(self.output_dir)
+            if self.display_uri != self.uri:  # the saved URI lost its credentials: the user gives them back
+                command += " --tracking-uri URI_WITH_CREDENTIALS"
             return [
                 f"MLflow at {self.display_uri} failed during the run: {self.spooled} records for {where} are spooled in "
                 f"{self.output_dir / FALLBACK_FILE}",
-                f"  send them once it is back: {REPLAY_COMMAND.format(self.output_dir)}",
+                f"  send them once it is back: {command}",
             ]
         return [f"MLflow run {self.run_id} at {self.display_uri}", f"  view it: {ui_command(self.uri)}"]
 
