@@ -85,8 +85,13 @@ def _copy(built: Path, name: str) -> Path:
 
 
 def _resume(built: Path, run: Path, capsys, *extra: str) -> tuple[int, str]:
+    """`python -m trainer train ... --resume` in this process: exit code and stderr (a traceback: rc 1)."""
     capsys.readouterr()
-    rc = main(["train", *_overrides(built, run, *extra), "--resume"])
+    try:
+        rc = main(["train", *_overrides(built, run, *extra), "--resume"])
+    except Exception as exc:  # noqa: BLE001 - what the command line would show as a traceback
+        print(f"Traceback (most recent call last):\n{type(exc).__name__}: {exc}", file=sys.stderr)
+        rc = 1
     return rc, capsys.readouterr().err
 
 
@@ -116,8 +121,9 @@ def test_a_crafted_file_anywhere_in_a_checkpoint_never_runs_on_resume(built, cap
     files = _pickled_files(checkpoint)
     # everything that is neither JSON nor safetensors, Accelerate's and ours
     assert {"state/optimizer.bin", "state/random_states_0.pkl", "objective.pt", "model/mlp.pt"} <= set(files), files
-    marker = built / f"marker_{how}"
+    outcomes = {}
     for rel in files:
+        marker = built / f"marker_{how}_{rel.replace('/', '_')}"
         run = _copy(built, "tampered")
         target = run / "checkpoints" / checkpoint.name / rel
         if how == "pickle":
@@ -125,7 +131,9 @@ def test_a_crafted_file_anywhere_in_a_checkpoint_never_runs_on_resume(built, cap
         else:
             torch.save({"state": Payload(marker), "weights": torch.ones(2)}, target)
         rc, err = _resume(built, run, capsys)
-        assert not marker.exists(), f"{rel}: the payload ran"
+        outcomes[rel] = (marker.exists(), rc, err, target)
+    assert not [rel for rel, (ran, *_) in outcomes.items() if ran], "the payload ran"
+    for rel, (_, rc, err, target) in outcomes.items():
         assert rc == 2, rel
         line = _error_line(err)
         assert str(target) in line and "refused" in line, line
@@ -148,12 +156,13 @@ def test_python_m_trainer_resume_refuses_a_crafted_scheduler_of_the_old_layout(b
 
 def _make_legacy(checkpoint: Path, *, keep_scheduler_pickle: bool = False) -> None:
     """Turn a checkpoint into one written before scheduler.json and the file list existed."""
-    schedule = json.loads((checkpoint / "scheduler.json").read_text())
-    (checkpoint / "scheduler.json").unlink()
-    if not keep_scheduler_pickle:
-        torch.save(schedule, checkpoint / "state" / "custom_checkpoint_0.pkl")
+    if (checkpoint / "scheduler.json").is_file():  # (the code before the fix wrote the old layout itself)
+        schedule = json.loads((checkpoint / "scheduler.json").read_text())
+        (checkpoint / "scheduler.json").unlink()
+        if not keep_scheduler_pickle:
+            torch.save(schedule, checkpoint / "state" / "custom_checkpoint_0.pkl")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    del state["files"]
+    state.pop("files", None)
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
 

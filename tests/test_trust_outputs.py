@@ -235,6 +235,17 @@ def test_credentials_never_leave_the_process_and_the_summary_tells_how_to_replay
     assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
 
 
+def test_a_resumed_run_keeps_its_run_id_while_the_server_is_down(tmp_path):
+    from trainer.tracking import Tracker
+
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{_dead_port()}")
+    tracker = Tracker(cfg, tmp_path, run_id="run-before-the-crash")
+    tracker.log_metrics({"train/loss": 1.0}, 3)
+    assert tracker.run_id == "run-before-the-crash"
+    spooled = [json.loads(line) for line in (tmp_path / "mlflow_fallback.jsonl").read_text().splitlines()]
+    assert {r["run_id"] for r in spooled} == {"run-before-the-crash"}, "replayed into the same run later"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One line for bad values: a file: tracking store, a non-finite number
 
