@@ -128,9 +128,12 @@ def test_the_loop_fills_the_queue_and_keeps_the_checkpoint_layout(tmp_path):
     assert [(r["step"], r["train/queue_len"]) for r in rows] == [(1, 0.0), (2, 8.0), (3, 12.0)]
     last = find_last_checkpoint(out)
     assert last.name == "step_00000003"
-    assert {p.name for p in last.iterdir()} == {"state", "model", "objective.pt", STATE_FILE}
+    assert {p.name for p in last.iterdir()} == {"state", "model", "objective.pt", "scheduler.json", STATE_FILE}
+    assert not list(last.glob("state/custom_checkpoint_*")), "nothing of ours is pickled by Accelerate"
+    assert json.loads((last / "scheduler.json").read_text())["last_epoch"] == 3
     queue = torch.load(last / "objective.pt", weights_only=True)["queue"]
     assert queue["count"] == 12 and queue["buffer"].shape[0] == 12
     state = json.loads((last / STATE_FILE).read_text())
-    assert list(state) == ["step", "best_score", "initial_score", "run_id", "data"] and state["step"] == 3
+    assert list(state) == ["step", "best_score", "initial_score", "run_id", "data", "files"] and state["step"] == 3
+    assert state["files"]["objective.pt"] == (last / "objective.pt").stat().st_size
     assert TrainState.from_json((last / STATE_FILE).read_text()).data == state["data"]

@@ -67,13 +67,20 @@ def test_training_logs_to_a_server_then_survives_its_death(tmp_path, mlflow_serv
     from trainer.engine import train
 
     url, proc = mlflow_server
-    cfg = tiny_config(tmp_path, "run", f"tracking.uri={url}", "optim.max_steps=6", "eval.every_steps=3", "log_every=2")
+    # A login in the URI (this server ignores it): the run connects with it, and it is saved nowhere.
+    with_login = url.replace("http://", "http://alice:s3cret@")
+    cfg = tiny_config(tmp_path, "run", f"tracking.uri={with_login}", "optim.max_steps=6", "eval.every_steps=3",
+                      "log_every=2")
     result = train(cfg)
     client = MlflowClient(tracking_uri=url)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [2, 4, 6]
     assert "sts/stsb_dev" in run.data.metrics
+    assert run.data.params["tracking.uri"] == url.replace("http://", "http://alice:***@")
+    assert result.tracking_uri == url.replace("http://", "http://alice:***@")
+    saved = Path(client.download_artifacts(result.run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
+    assert "alice:***@" in saved and "s3cret" not in saved
 
     # The server dies in the middle of a run: logging goes on, one warning, everything lands in the fallback.
     tracker = Tracker(TrackingConfig(uri=url, experiment="outage"), tmp_path / "outage", active=True)

@@ -1,4 +1,4 @@
-"""`python -m trainer <train|shard|evaluate|compare|export>` (also the `trainer` console script).
+"""`python -m trainer <train|shard|evaluate|compare|export|tracking>` (also the `trainer` console script).
 
 One parser; one `cmd_*` function per subcommand. Each command imports its library modules when it runs, so
 `trainer shard` does not pay for MLflow, matplotlib or transformers, and `--help` / `--version` stay fast.
@@ -79,8 +79,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         import yaml
 
         from trainer.config import to_dict
+        from trainer.redact import redact_values
 
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(yaml.safe_dump(redact_values(to_dict(cfg)), sort_keys=False))
         return 0
     from trainer.engine import train
 
@@ -196,14 +197,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run's best/ folder, a checkpoints/step_N folder, or a saved model")
-    parser.add_argument("--output", required=True, help="folder to write (replaced if it exists)")
+    parser.add_argument("--output", required=True,
+                        help="folder to write; an existing one is replaced only if empty or an earlier export")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output whatever it holds")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export
 
-    path = export(args.checkpoint, args.output)
+    path = export(args.checkpoint, args.output, overwrite=args.overwrite)
     print(f"exported to {path}; load it with sentence_transformers.SentenceTransformer({str(path)!r})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tracking
+
+
+def _tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    replay = actions.add_parser("replay", help="send a run's spooled MLflow records (mlflow_fallback.jsonl)",
+                                description="send a run's spooled MLflow records (mlflow_fallback.jsonl)")
+    replay.add_argument("--output-dir", required=True, help="the run's output_dir")
+    replay.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the run's own tracking.uri")
+
+
+def cmd_tracking(args: argparse.Namespace) -> int:
+    from trainer.redact import redact
+    from trainer.tracking import FALLBACK_FILE, replay_fallback, replay_uri
+
+    output_dir = Path(args.output_dir)
+    if not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is not a folder")
+    if not (output_dir / FALLBACK_FILE).is_file():
+        print(f"nothing to replay: no {FALLBACK_FILE} in {output_dir}")
+        return 0
+    uri = replay_uri(output_dir, args.tracking_uri)
+    sent = replay_fallback(output_dir, uri)
+    print(f"sent {sent} records to MLflow at {redact(uri)}")
     return 0
 
 
@@ -216,6 +247,8 @@ COMMANDS = (
     ("evaluate", "STS12-16, STS-B, SICK-R Spearman x100 of a model or checkpoint", _evaluate_arguments, cmd_evaluate),
     ("compare", "compare the MLflow runs of an experiment: table + plots", _compare_arguments, cmd_compare),
     ("export", "checkpoint -> folder that sentence_transformers.SentenceTransformer loads", _export_arguments, cmd_export),
+    ("tracking", "MLflow chores: `tracking replay` sends what a run spooled while MLflow was down",
+     _tracking_arguments, cmd_tracking),
 )
 
 

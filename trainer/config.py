@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -174,8 +175,8 @@ class OptimConfig:
     """Gradient clipping norm (0 disables clipping)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.max_steps < 1 or self.grad_accum < 1:
-            raise ConfigError("optim.lr must be > 0, optim.max_steps and optim.grad_accum >= 1")
+        if not 0 < self.lr < math.inf or self.max_steps < 1 or self.grad_accum < 1:  # written so that nan fails
+            raise ConfigError("optim.lr must be finite and > 0, optim.max_steps and optim.grad_accum >= 1")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"optim.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
@@ -233,6 +234,10 @@ class TrackingConfig:
         # whole run to its local fallback file instead of the store.
         if self.uri and self.uri.startswith("sqlite:") and not self.uri.startswith("sqlite:///"):
             raise ConfigError(f"tracking.uri: a sqlite store is written sqlite:///PATH, got {self.uri!r}")
+        from trainer.tracking import file_store_problem  # the Tracker checks $MLFLOW_TRACKING_URI the same way
+
+        if self.uri and file_store_problem(self.uri):
+            raise ConfigError(f"tracking.uri: {file_store_problem(self.uri)}")
 
 
 @dataclass(slots=True)
@@ -325,6 +330,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf, or 1e999: no field of ours means anything by them
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -420,7 +427,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """The resolved config as YAML, credentials in URIs redacted (the file is logged as an MLflow artifact)."""
+    from trainer.redact import redact_values
+
+    Path(path).write_text(yaml.safe_dump(redact_values(to_dict(cfg)), sort_keys=False), encoding="utf-8")
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -7,7 +7,8 @@ scores local anchors against all candidates with the positive at `rank * B_local
 token-augmented (fraternal) view and a queue of past candidates, which the loop fills after each backward.
 
 The Accelerator, optimizer and schedule come from `trainer.runtime`; checkpoints, their layout and the kept
-best model from `trainer.checkpoint`.
+best model from `trainer.checkpoint`; the output folder's lock, named write failures and the metrics rewind
+on resume from `trainer.outputs`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from trainer import runtime
 from trainer.checkpoint import Checkpointer, TrainState, find_last_checkpoint
 from trainer.config import TrainConfig, flatten, save_config
 from trainer.errors import UserError
+from trainer.outputs import OutputLock, rewind_metrics, writing
 
 __all__ = ["TrainResult", "find_last_checkpoint", "train"]
 
@@ -46,6 +48,7 @@ class TrainResult:
     """(step, loss) of every optimizer step of this invocation."""
     run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
+    """Where the run was tracked, credentials redacted."""
     wall_s: float = 0.0
 
 
@@ -58,7 +61,7 @@ class _Metrics:
     def record(self, metrics: dict, step: int) -> None:
         self.tracker.log_metrics(metrics, step)
         if self.main:
-            with open(self.path, "a", encoding="utf-8") as fh:
+            with writing("metrics", self.path), open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
@@ -126,7 +129,8 @@ class _Run:
         return score
 
     def save(self) -> None:
-        self.checkpointer.save(self.state, model=self.prep.unwrapped, objective=self.objective, stream=self.stream)
+        self.checkpointer.save(self.state, model=self.prep.unwrapped, objective=self.objective, stream=self.stream,
+                               scheduler=self.prep.scheduler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,12 +145,20 @@ def train(
 ) -> TrainResult:
     """Train as configured. `resume=True` continues from the last checkpoint in `output_dir` (a path: from that
     checkpoint). `on_step(step, loss)` is called on every rank after each optimizer step (tests use it to
-    simulate a crash)."""
-    from trainer.tracking import ui_command
-
+    simulate a crash). Rank 0 holds `<output_dir>/.run.lock` until it returns: a second run there stops at once."""
     started = time.perf_counter()
-    run = _setup(cfg, resume)
-    result = TrainResult(run_id=run.tracker.run_id, tracking_uri=run.tracker.uri)
+    lock = OutputLock(Path(cfg.output_dir).resolve())
+    try:
+        run = _setup(cfg, resume, lock)
+        return _train(run, started, on_step)
+    finally:
+        lock.release()
+
+
+def _train(run: _Run, started: float, on_step: Optional[Callable[[int, float], None]]) -> TrainResult:
+    """Initial eval, the steps, the last eval and checkpoint, the final report and summary."""
+    cfg = run.cfg
+    result = TrainResult(run_id=run.tracker.run_id, tracking_uri=run.tracker.display_uri)
     if run.resumed_from is None and cfg.eval.enabled:
         run.state.initial_score = run.evaluate(0)
         if run.main:
@@ -170,16 +182,17 @@ def train(
     result.step, result.best_score, result.initial_score = run.state.step, run.state.best_score, run.state.initial_score
     result.wall_s = time.perf_counter() - started
     if run.main:
-        _print_summary(result, run.checkpointer.output_dir, ui_command(run.tracker.uri))
+        _print_summary(result, run.checkpointer.output_dir, run.tracker)
     run.accelerator.end_training()
     return result
 
 
-def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
-    """Accelerator, output folder, model, objective, data stream, `prepare`, resume, tracking."""
+def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock) -> _Run:
+    """Accelerator, output folder and its lock, model, objective, data stream, `prepare`, resume, tracking."""
     from accelerate.utils import set_seed
 
     from trainer.data import TrainStream, make_fraternal, prepare_train_source
+    from trainer.export import check_target
     from trainer.losses import build_objective
     from trainer.model import build_encoder
     from trainer.tracking import Tracker
@@ -189,11 +202,16 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
         raise UserError(f"eval.sts_dir does not exist: {cfg.eval.sts_dir} (set eval.sts_dir= to train without eval)")
     accelerator = runtime.make_accelerator(cfg)
     main = accelerator.is_main_process
+    if main:
+        with writing("the output folder", output_dir):
+            output_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
     checkpointer = Checkpointer(output_dir, accelerator)
     resume_from = checkpointer.resume_point(resume)
     if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+        check_target(output_dir / "export")  # the final export must not fail after the whole run
+        with writing("the run config", output_dir / "config.yaml"):
+            save_config(cfg, output_dir / "config.yaml")
     accelerator.wait_for_everyone()
 
     # Same seed on every rank: identical init; dropout differs per rank anyway because inputs differ.
@@ -215,11 +233,16 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     prep = runtime.prepare(accelerator, model, cfg)
     state = TrainState()
     if resume_from is not None:
-        state = checkpointer.load(resume_from, objective=objective, stream=stream)
+        state = checkpointer.load(resume_from, objective=objective, stream=stream, scheduler=prep.scheduler)
+        if main:  # the steps after the checkpoint are logged again
+            rewind_metrics(output_dir / METRICS_FILE, state.step)
 
     tracker = Tracker(cfg.tracking, output_dir, active=main, run_id=state.run_id)
     state.run_id = tracker.run_id
-    if resume_from is None:
+    if resume_from is not None:
+        # MLflow cannot delete the replaced values; readers take the latest value per step (tracking.metric_history)
+        tracker.set_tags({"resumed_from_step": state.step})
+    else:
         world = accelerator.num_processes
         tracker.log_params(flatten(cfg))
         tracker.log_params({"world_size": world, "global_batch": cfg.global_batch_size(world)})
@@ -346,13 +369,15 @@ def _final_report(cfg: TrainConfig, model_dir: Path, tracker, main: bool) -> dic
     if scores:
         tracker.log_metrics({f"sts/{k}": v for k, v in scores.items()}, step=0)
         tracker.log_text(format_table(scores) + "\n", "sts_results.md")
-        (Path(cfg.output_dir) / "sts_results.json").write_text(json.dumps(scores, indent=2))
-    export_dir = export(model_dir, Path(cfg.output_dir) / "export")
+        with writing("the STS results", Path(cfg.output_dir) / "sts_results.json"):
+            (Path(cfg.output_dir) / "sts_results.json").write_text(json.dumps(scores, indent=2))
+    with writing("the export", Path(cfg.output_dir) / "export"):
+        export_dir = export(model_dir, Path(cfg.output_dir) / "export")
     tracker.log_artifact(export_dir, "export")
     return scores
 
 
-def _print_summary(result: TrainResult, output_dir: Path, ui: str) -> None:
+def _print_summary(result: TrainResult, output_dir: Path, tracker: Any) -> None:
     def fmt(x):
         return "n/a" if x is None else f"{x:.2f}"
 
@@ -364,8 +389,5 @@ def _print_summary(result: TrainResult, output_dir: Path, ui: str) -> None:
     for name, label in (("best", "best model"), ("export", "sentence-transformers export"), ("checkpoints", "checkpoints")):
         if (output_dir / name).exists():
             lines.append(f"  {label}: {output_dir / name}")
-    if result.run_id:
-        lines += [f"MLflow run {result.run_id} at {result.tracking_uri}", f"  view it: {ui}"]
-    else:
-        lines.append("MLflow: off")
+    lines += tracker.summary_lines()
     print("\n".join(lines), flush=True)

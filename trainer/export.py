@@ -5,6 +5,9 @@ Layout (sentence-transformers' own): the HF backbone + tokenizer at the root (mo
 `1_Pooling/` (cls or mean), `2_Normalize/`, `modules.json`, `sentence_bert_config.json` (max_seq_length).
 `cls_mlp` exports as plain `cls`: SimCSE trains with the MLP head and evaluates without it.
 `encoder_config.json` is kept too, so `SentenceEncoder.load` and `trainer evaluate` read the export directly.
+
+The output folder is replaced only when it is empty, missing, or an earlier export (its three config files
+say so); anything else (a run folder given by mistake) needs `overwrite=True` (`--overwrite`).
 """
 
 from __future__ import annotations
@@ -12,17 +15,39 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from trainer.errors import UserError
 
 
-def export(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
-    """Write the sentence-transformers folder for a checkpoint / best / save() folder; returns its path."""
+EXPORT_MARKERS = ("modules.json", "sentence_bert_config.json", "encoder_config.json")
+
+
+def check_target(output_dir: str | Path, *, overwrite: bool = False, source: Optional[Path] = None) -> None:
+    """Raise UserError unless `output_dir` may be replaced by an export (see the module doc)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"export target {output_dir} is a file, not a folder")
+    if source is not None and output_dir.resolve() in source.resolve().parents:
+        raise UserError(f"export target {output_dir} holds the checkpoint {source} being exported; choose another folder")
+    if overwrite or not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if not all((output_dir / name).is_file() for name in EXPORT_MARKERS):
+        raise UserError(
+            f"export target {output_dir} is not empty and is not an earlier export; it would be deleted. Choose "
+            "another folder, or pass --overwrite to replace it"
+        )
+
+
+def export(checkpoint_dir: str | Path, output_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the sentence-transformers folder for a checkpoint / best / save() folder; returns its path.
+    `output_dir` is replaced when allowed by `check_target`."""
     from trainer.model import ENCODER_CONFIG, SentenceEncoder
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not checkpoint_dir.exists():
         raise UserError(f"checkpoint not found: {checkpoint_dir}")
+    check_target(output_dir, overwrite=overwrite, source=checkpoint_dir)
     model = SentenceEncoder.load(checkpoint_dir)
     pooler = "mean" if model.pooler == "mean" else "cls"
     # Written under a temporary name and renamed: an interrupted export never looks complete.

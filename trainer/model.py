@@ -180,7 +180,7 @@ class SentenceEncoder(nn.Module):
         model = cls(backbone, tokenizer, pooler=pooler, max_length=int(max_length))
         mlp_file = folder / "mlp.pt"
         if model.mlp is not None and folder.is_dir() and mlp_file.is_file():
-            model.mlp.load_state_dict(torch.load(mlp_file, map_location="cpu"))
+            model.mlp.load_state_dict(torch.load(mlp_file, map_location="cpu", weights_only=True))
         return model
 
 

@@ -1,8 +1,9 @@
 """The Accelerate / DeepSpeed set-up of a run: the Accelerator, AdamW, the LR schedule and `prepare`.
 
 `make_accelerator` checks that Accelerate sees the launcher's world; `prepare` builds the optimizer and the
-hand-stepped scheduler, fills DeepSpeed's "auto" values, wraps model and optimizer, and registers the scheduler
-so that `save_state` / `load_state` carry it.
+hand-stepped scheduler, fills DeepSpeed's "auto" values and wraps model and optimizer. The scheduler is NOT
+registered with `accelerator.register_for_checkpointing`: Accelerate would pickle it and load it back with
+`torch.load(weights_only=False)`, so a crafted checkpoint could run code; `trainer.checkpoint` saves it as JSON.
 """
 
 from __future__ import annotations
@@ -91,5 +92,4 @@ def prepare(accelerator: Any, model: torch.nn.Module, cfg: TrainConfig) -> Prepa
     # DeepSpeed: micro batch from data.batch_size (no DataLoader is prepared), clipping = optim.max_grad_norm.
     dist.configure_deepspeed(accelerator, micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     return Prepared(model=model, unwrapped=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
