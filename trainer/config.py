@@ -235,8 +235,10 @@ class TrainConfig:
     """Checkpoints, the resolved config, logs and the embedded MLflow store go here."""
     seed: int = 42
     """Seed for model init, dropout, data order and augmentation."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision of the forward pass (master weights stay fp32)."""
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    """Autocast precision of the forward pass (master weights stay fp32). None lets the launcher decide
+    (`accelerate launch --mixed_precision`, the accelerate config's `mixed_precision`), else "no"; a value set
+    here wins over the launcher's. The run log names the winner; MLflow records it as `mixed_precision_effective`."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N optimizer steps (0 = only at eval points and the end)."""
     log_every: int = 10
@@ -301,6 +303,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` (`mixed_precision=no`) as false
+            value = "no"
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value

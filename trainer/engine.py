@@ -222,7 +222,8 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     if resume_from is None:
         world = accelerator.num_processes
         tracker.log_params(flatten(cfg))
-        tracker.log_params({"world_size": world, "global_batch": cfg.global_batch_size(world)})
+        tracker.log_params({"world_size": world, "global_batch": cfg.global_batch_size(world),
+                            "mixed_precision_effective": accelerator.mixed_precision})
         tracker.log_artifact(output_dir / "config.yaml")
     metrics = _Metrics(tracker, output_dir / METRICS_FILE, main)
     return _Run(cfg, accelerator, prep, objective, stream, checkpointer, tracker, metrics, state, resume_from)

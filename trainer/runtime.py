@@ -7,6 +7,7 @@ so that `save_state` / `load_state` carry it.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -15,6 +16,11 @@ import torch
 
 from trainer import distributed as dist
 from trainer.config import OptimConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+# What `accelerate launch --mixed_precision` and the accelerate config file set; Accelerate reads it only when
+# `Accelerator(mixed_precision=None)` (PLATFORM.md).
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
 @dataclass
@@ -46,7 +52,7 @@ def make_accelerator(cfg: TrainConfig):
     dist.skip_deepspeed_cpu_jit_ops()
     accelerator = Accelerator(
         cpu=on_cpu and not dist.deepspeed_requested(),
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=cfg.mixed_precision,  # None: the launcher's choice (Accelerate reads its environment)
         gradient_accumulation_steps=cfg.optim.grad_accum,
         kwargs_handlers=kwargs,
     )
@@ -54,7 +60,18 @@ def make_accelerator(cfg: TrainConfig):
         raise RuntimeError(
             f"Accelerate started {accelerator.num_processes} process(es) but the launcher set WORLD_SIZE={expected}"
         )
+    if accelerator.is_main_process:
+        log.info("mixed precision %s (from %s)", accelerator.mixed_precision, precision_source(cfg))
     return accelerator
+
+
+def precision_source(cfg: TrainConfig) -> str:
+    """Which setting decides the precision: the run config's value > the launcher's > Accelerate's default."""
+    if cfg.mixed_precision is not None:
+        return "run config"
+    if os.environ.get(LAUNCHER_PRECISION_ENV):
+        return f"launcher ({LAUNCHER_PRECISION_ENV})"
+    return "default"
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
