@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 from trainer.errors import UserError
+from trainer.files import follow_umask
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -133,6 +134,7 @@ class Checkpointer:
             model.save(tmp / "model")
             torch.save(objective.state_dict(), tmp / "objective.pt")
             (tmp / STATE_FILE).write_text(dataclasses.replace(state, data=stream.state_dict()).to_json())
+            follow_umask(tmp)  # Accelerate's model.safetensors comes out 0600 whatever the umask
             atomic_replace_dir(tmp, final)
             for old in list_checkpoints(self.output_dir)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.files import follow_umask
 
 
 def export(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
@@ -49,6 +50,7 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
     (tmp / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
     (tmp / "2_Normalize").mkdir()
     (tmp / ENCODER_CONFIG).write_text(json.dumps({"pooler": pooler, "max_length": model.max_length}, indent=2))
+    follow_umask(tmp)  # safetensors writes model.safetensors 0600 whatever the umask
     if output_dir.exists():
         shutil.rmtree(output_dir)
     tmp.rename(output_dir)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.files import follow_umask
 
 POOLERS = ("cls", "cls_mlp", "mean")
 ENCODER_CONFIG = "encoder_config.json"
@@ -121,6 +122,7 @@ class SentenceEncoder(nn.Module):
         )
         if self.mlp is not None:
             torch.save(self.mlp.state_dict(), directory / "mlp.pt")
+        follow_umask(directory)  # safetensors writes model.safetensors 0600 whatever the umask
         return directory
 
     @classmethod
