@@ -3,9 +3,11 @@
 Layout under `<output_dir>`:
 - `checkpoints/step_XXXXXXXX/` holds `state/` (Accelerate: model, optimizer, scheduler, every rank's RNG,
   ZeRO shards), `model/` (a `SentenceEncoder.save` folder), `objective.pt` (the queue) and
-  `trainer_state.json` (a `TrainState`: step, best and initial score, MLflow run id, data position).
-  It is written as `.tmp_step_XXXXXXXX/` and renamed when complete; only folders holding
-  `trainer_state.json` count, and the newest `KEEP_CHECKPOINTS` are kept.
+  `contrastive_state.json` (a `TrainState`: step, best and initial score, MLflow run id, data position;
+  not named like HF Trainer's `trainer_state.json`, whose schema differs). It is written as
+  `.tmp_step_XXXXXXXX/` and renamed when complete; only folders holding the state file count (checkpoints of
+  older versions, which named it `trainer_state.json`, still do and resume), and the newest `checkpoint_keep`
+  are kept.
 - `best/` is the model with the best STS-B dev score (`step.txt` says which step), replaced atomically.
 
 Every method is called on every rank: they hold the barriers that keep ranks in step; rank 0 alone writes
@@ -28,13 +30,13 @@ from trainer.errors import UserError
 from trainer.files import follow_umask
 
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.json"
-KEEP_CHECKPOINTS = 2
+STATE_FILE = "contrastive_state.json"
+LEGACY_STATE_FILE = "trainer_state.json"  # what versions <= 0.1 wrote; read for resume, never written
 
 
 @dataclass
 class TrainState:
-    """The loop's own state, saved as `trainer_state.json` beside Accelerate's state."""
+    """The loop's own state, saved as `contrastive_state.json` beside Accelerate's state."""
 
     step: int = 0
     """Optimizer steps done."""
@@ -61,7 +63,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file())
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and state_file(p) is not None)
+
+
+def state_file(checkpoint: Path) -> Optional[Path]:
+    """The checkpoint's state file (the legacy name for checkpoints of older versions), or None."""
+    for name in (STATE_FILE, LEGACY_STATE_FILE):
+        if (checkpoint / name).is_file():
+            return checkpoint / name
+    return None
 
 
 def find_last_checkpoint(output_dir: str | Path) -> Optional[Path]:
@@ -84,7 +94,7 @@ def atomic_replace_dir(tmp: Path, final: Path) -> None:
 class Checkpointer:
     """Saves and restores one run's checkpoints in `output_dir` for the ranks of `accelerator`."""
 
-    def __init__(self, output_dir: str | Path, accelerator: Any, *, keep: int = KEEP_CHECKPOINTS) -> None:
+    def __init__(self, output_dir: str | Path, accelerator: Any, *, keep: int = 2) -> None:
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / "checkpoints"
         self.accelerator = accelerator
@@ -104,7 +114,7 @@ class Checkpointer:
         run. A fresh run refuses an output_dir that already holds checkpoints."""
         if resume:
             path = Path(resume) if isinstance(resume, (str, Path)) else self.find_last()
-            if path is None or not (path / STATE_FILE).is_file():
+            if path is None or state_file(path) is None:
                 raise UserError(f"--resume: no complete checkpoint found in {self.root}")
             return path
         if self.main and list_checkpoints(self.output_dir):
@@ -143,7 +153,7 @@ class Checkpointer:
     def load(self, path: Path, *, objective: Any, stream: Any) -> TrainState:
         """Restore Accelerate's state, the queue and the stream position from `path`; returns its TrainState."""
         self.accelerator.load_state(str(path / "state"))
-        state = TrainState.from_json((path / STATE_FILE).read_text())
+        state = TrainState.from_json(state_file(path).read_text())
         stream.load_state_dict(state.data)
         objective_file = path / "objective.pt"
         if objective_file.is_file():

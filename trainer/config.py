@@ -243,6 +243,8 @@ class TrainConfig:
     """Save a resumable checkpoint every N optimizer steps (0 = only at eval points and the end)."""
     log_every: int = 10
     """Log train metrics every N optimizer steps."""
+    checkpoint_keep: int = 2
+    """Resumable checkpoints kept in `<output_dir>/checkpoints` (the newest N; `best/` is kept apart)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Encoder and pooler."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -261,6 +263,8 @@ class TrainConfig:
             raise ConfigError("output_dir must not be empty")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise ConfigError("log_every must be >= 1 and checkpoint_every >= 0")
+        if self.checkpoint_keep < 1:
+            raise ConfigError(f"checkpoint_keep must be >= 1 (resume needs the last checkpoint), got {self.checkpoint_keep}")
 
     def global_batch_size(self, world_size: int) -> int:
         """Sentences per micro-batch over all processes (the candidates each anchor is scored against)."""

@@ -189,7 +189,7 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
         raise UserError(f"eval.sts_dir does not exist: {cfg.eval.sts_dir} (set eval.sts_dir= to train without eval)")
     accelerator = runtime.make_accelerator(cfg)
     main = accelerator.is_main_process
-    checkpointer = Checkpointer(output_dir, accelerator)
+    checkpointer = Checkpointer(output_dir, accelerator, keep=cfg.checkpoint_keep)
     resume_from = checkpointer.resume_point(resume)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
