@@ -57,6 +57,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--list-keys", action="store_true", help="list every config key with its doc and exit")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar nor progress lines (TQDM_DISABLE=1 silences the bars only)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
 
 
@@ -84,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from trainer.engine import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, progress=not args.no_progress)
     return 0
 
 

@@ -138,14 +138,15 @@ def train(
     *,
     resume: bool | str = False,
     on_step: Optional[Callable[[int, float], None]] = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train as configured. `resume=True` continues from the last checkpoint in `output_dir` (a path: from that
     checkpoint). `on_step(step, loss)` is called on every rank after each optimizer step (tests use it to
-    simulate a crash)."""
+    simulate a crash). `progress=False`: no progress bar nor progress lines (`train --no-progress`)."""
     from trainer.tracking import ui_command
 
     started = time.perf_counter()
-    run = _setup(cfg, resume)
+    run = _setup(cfg, resume, progress)
     result = TrainResult(run_id=run.tracker.run_id, tracking_uri=run.tracker.uri)
     if run.resumed_from is None and cfg.eval.enabled:
         run.state.initial_score = run.evaluate(0)
@@ -154,7 +155,7 @@ def train(
 
     finished = False
     try:
-        _train_steps(run, result, on_step)
+        _train_steps(run, result, on_step, progress)
         if cfg.eval.enabled and not cfg.eval.due(run.state.step):
             run.evaluate(run.state.step)
         if not run.checkpointer.has(run.state.step):
@@ -175,7 +176,7 @@ def train(
     return result
 
 
-def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
+def _setup(cfg: TrainConfig, resume: bool | str, progress: bool = True) -> _Run:
     """Accelerator, output folder, model, objective, data stream, `prepare`, resume, tracking."""
     from accelerate.utils import set_seed
 
@@ -201,7 +202,7 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     model = build_encoder(cfg.model)
     objective = build_objective(cfg.loss)
     # A text corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
-    train_source = prepare_train_source(cfg.data, output_dir, progress=main)
+    train_source = prepare_train_source(cfg.data, output_dir, progress=main and progress)
     stream = TrainStream(
         replace(cfg.data, train=train_source),
         model.tokenizer,
@@ -229,15 +230,17 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     return _Run(cfg, accelerator, prep, objective, stream, checkpointer, tracker, metrics, state, resume_from)
 
 
-def _train_steps(run: _Run, result: TrainResult, on_step: Optional[Callable[[int, float], None]]) -> None:
+def _train_steps(
+    run: _Run, result: TrainResult, on_step: Optional[Callable[[int, float], None]], progress: bool
+) -> None:
     """Optimizer steps up to `optim.max_steps`, with logging, periodic evaluation and checkpoints."""
-    from tqdm.auto import tqdm
+    from trainer.progress import StepProgress
 
     cfg, state = run.cfg, run.state
     batches = _batches(run.stream, run.accelerator.device)
     window = _Window()
     run.prep.model.train()
-    bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", disable=not run.main, dynamic_ncols=True)
+    bar = StepProgress(cfg.optim.max_steps, state.step, enabled=run.main and progress, every=cfg.log_every)
     try:
         while state.step < cfg.optim.max_steps:
             out = _optimizer_step(run, batches, window)
@@ -246,8 +249,7 @@ def _train_steps(run: _Run, result: TrainResult, on_step: Optional[Callable[[int
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {state.step}")
             result.losses.append((state.step, loss))
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.update(1)
+            bar.update(state.step, loss)
             if cfg.log_due(state.step):
                 lr = run.prep.scheduler.get_last_lr()[0]
                 run.metrics.record({**window.flush(lr), **_loss_logs(out)}, state.step)
