@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -161,7 +162,16 @@ class OptimConfig:
     max_steps: int = 1000
     """Optimizer steps to train for (the run ends earlier if a finite stream is exhausted)."""
     warmup_steps: int = 0
-    """Linear warmup from 0 to `lr`, then linear decay to 0 at `max_steps`."""
+    """Optimizer steps of linear warmup from 0 to `lr` (0 = use `warmup_ratio`)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's optimizer steps (rounded up, as HF Trainer does); exclusive with
+    `warmup_steps`."""
+    scheduler: Literal["linear", "cosine", "constant", "warmup_stable_decay"] = "linear"
+    """LR after warmup, HF Trainer's curves (`transformers.get_scheduler`): `linear` decay to 0 at the last
+    step, `cosine` (half a cosine to 0), `constant`, or `warmup_stable_decay` (constant, then a cosine decay
+    to 0 over the last `decay_ratio` of the steps)."""
+    decay_ratio: float = 0.1
+    """`warmup_stable_decay` only: the fraction of the steps spent in the final decay."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_grad_norm: float = 1.0
@@ -172,8 +182,22 @@ class OptimConfig:
             raise ConfigError("optim.lr must be > 0, optim.max_steps and optim.grad_accum >= 1")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"optim.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.decay_ratio <= 1.0:
+            raise ConfigError("optim.warmup_ratio must be in [0, 1) and optim.decay_ratio in [0, 1]")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("set optim.warmup_steps or optim.warmup_ratio, not both")
+        if self.scheduler == "warmup_stable_decay" and self.num_warmup_steps() + self.num_decay_steps() > self.max_steps:
+            raise ConfigError("optim: warmup and decay_ratio together exceed max_steps")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("optim.max_grad_norm and optim.weight_decay must be >= 0")
+
+    def num_warmup_steps(self) -> int:
+        """Warmup steps: `warmup_steps`, else `warmup_ratio` of `max_steps` rounded up."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
+
+    def num_decay_steps(self) -> int:
+        """`warmup_stable_decay`: steps of the final decay."""
+        return math.ceil(self.decay_ratio * self.max_steps)
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -74,15 +74,23 @@ def precision_source(cfg: TrainConfig) -> str:
     return "default"
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
+# Our names -> transformers' scheduler types; `constant` keeps the warmup (HF's plain "constant" has none).
+_SCHEDULERS = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant_with_warmup",
+    "warmup_stable_decay": "warmup_stable_decay",
+}
 
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
 
-    return fn
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """`optim.scheduler` over `optim.max_steps` optimizer steps, HF Trainer's curves (`transformers.get_scheduler`):
+    the LR of optimizer step k (from 1) is lr * f(k - 1), so warmup starts from 0 as HF's does."""
+    from transformers import get_scheduler
+
+    extra = {"num_decay_steps": cfg.num_decay_steps()} if cfg.scheduler == "warmup_stable_decay" else None
+    return get_scheduler(_SCHEDULERS[cfg.scheduler], optimizer, num_warmup_steps=cfg.num_warmup_steps(),
+                         num_training_steps=cfg.max_steps, scheduler_specific_kwargs=extra)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -104,7 +112,7 @@ def prepare(accelerator: Any, model: torch.nn.Module, cfg: TrainConfig) -> Prepa
     optimizer = build_optimizer(model, cfg.optim)
     # The scheduler is stepped by hand once per optimizer step: Accelerate's prepared scheduler steps
     # num_processes times per call, which would end the schedule W times too early.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.max_steps))
+    scheduler = build_scheduler(optimizer, cfg.optim)
     # DeepSpeed: micro batch from data.batch_size (no DataLoader is prepared), clipping = optim.max_grad_norm.
     dist.configure_deepspeed(accelerator, micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
