@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -160,7 +160,12 @@ class OptimConfig:
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and LayerNorm)."""
     max_steps: int = 1000
-    """Optimizer steps to train for (the run ends earlier if a finite stream is exhausted)."""
+    """Optimizer steps to train for. The run always does them all: at the end of the data the stream starts
+    its next epoch (reshuffled); it never ends the run early. See `epochs` for a stop in passes over the data."""
+    epochs: int = 0
+    """Train for this many passes over the data instead of `max_steps` (0 = use `max_steps`): `max_steps` is then
+    derived when the stream is built, as the batches per rank of these epochs // `grad_accum` (the log says
+    the figure)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from 0 to `lr` (0 = use `warmup_ratio`)."""
     warmup_ratio: float = 0.0
@@ -173,23 +178,31 @@ class OptimConfig:
     decay_ratio: float = 0.1
     """`warmup_stable_decay` only: the fraction of the steps spent in the final decay."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step. It multiplies the sentences per step, not the negatives: each
+    micro-batch's anchors are scored against that micro-batch's candidates only (see `mini_batch_size`)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.max_steps < 1 or self.grad_accum < 1:
             raise ConfigError("optim.lr must be > 0, optim.max_steps and optim.grad_accum >= 1")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ConfigError(f"optim.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        if self.epochs < 0 or self.warmup_steps < 0:
+            raise ConfigError("optim.epochs and optim.warmup_steps must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.decay_ratio <= 1.0:
             raise ConfigError("optim.warmup_ratio must be in [0, 1) and optim.decay_ratio in [0, 1]")
         if self.warmup_steps and self.warmup_ratio:
             raise ConfigError("set optim.warmup_steps or optim.warmup_ratio, not both")
-        if self.scheduler == "warmup_stable_decay" and self.num_warmup_steps() + self.num_decay_steps() > self.max_steps:
-            raise ConfigError("optim: warmup and decay_ratio together exceed max_steps")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("optim.max_grad_norm and optim.weight_decay must be >= 0")
+        if not self.epochs:  # with epochs, max_steps is known once the stream is built (TrainConfig.with_epochs)
+            self.check_steps()
+
+    def check_steps(self) -> None:
+        """The checks that depend on `max_steps`."""
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"optim.warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.scheduler == "warmup_stable_decay" and self.num_warmup_steps() + self.num_decay_steps() > self.max_steps:
+            raise ConfigError(f"optim: warmup and decay_ratio together exceed max_steps={self.max_steps}")
 
     def num_warmup_steps(self) -> int:
         """Warmup steps: `warmup_steps`, else `warmup_ratio` of `max_steps` rounded up."""
@@ -297,6 +310,16 @@ class TrainConfig:
     def sentences_per_step(self, world_size: int) -> int:
         """Sentences per optimizer step over all processes (every micro-batch holds `data.batch_size` rows)."""
         return self.global_batch_size(world_size) * self.optim.grad_accum
+
+    def with_epochs(self, batches_per_epoch: Callable[[int], int]) -> "TrainConfig":
+        """With `optim.epochs` set, this config with `optim.max_steps` derived from the stream
+        (`batches_per_epoch(e)`: batches every rank yields in epoch e); otherwise the config itself."""
+        if not self.optim.epochs:
+            return self
+        batches = sum(batches_per_epoch(epoch) for epoch in range(self.optim.epochs))
+        optim = dataclasses.replace(self.optim, max_steps=max(1, batches // self.optim.grad_accum))
+        optim.check_steps()
+        return dataclasses.replace(self, optim=optim)
 
     def log_due(self, step: int) -> bool:
         """Whether train metrics are logged after optimizer step `step` (always at the last step)."""

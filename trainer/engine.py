@@ -213,6 +213,8 @@ def _setup(cfg: TrainConfig, resume: bool | str, progress: bool = True) -> _Run:
         work_dir=output_dir,
         fraternal=make_fraternal(cfg.data.augment) if objective.needs_fraternal else None,
     )
+    if cfg.optim.epochs:
+        cfg = _steps_from_epochs(cfg, stream, main)
     prep = runtime.prepare(accelerator, model, cfg)
     state = TrainState()
     if resume_from is not None:
@@ -228,6 +230,20 @@ def _setup(cfg: TrainConfig, resume: bool | str, progress: bool = True) -> _Run:
         tracker.log_artifact(output_dir / "config.yaml")
     metrics = _Metrics(tracker, output_dir / METRICS_FILE, main)
     return _Run(cfg, accelerator, prep, objective, stream, checkpointer, tracker, metrics, state, resume_from)
+
+
+def _steps_from_epochs(cfg: TrainConfig, stream: Any, main: bool) -> TrainConfig:
+    """`optim.epochs` -> `optim.max_steps`, from the stream's batches per rank in each epoch."""
+    from trainer.config import ConfigError
+
+    try:
+        cfg = cfg.with_epochs(stream.batches_per_epoch)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    if main:
+        log.info("optim.epochs=%d: %d optimizer steps (%d batches per rank in epoch 0, grad_accum %d)",
+                 cfg.optim.epochs, cfg.optim.max_steps, stream.batches_per_epoch(0), cfg.optim.grad_accum)
+    return cfg
 
 
 def _train_steps(
