@@ -183,6 +183,7 @@ def _setup(cfg: TrainConfig, resume: bool | str, progress: bool = True) -> _Run:
     from trainer.data import TrainStream, make_fraternal, prepare_train_source
     from trainer.losses import build_objective
     from trainer.model import build_encoder
+    from trainer.tokenizer_choice import resolve_fast_tokenizer
     from trainer.tracking import Tracker
 
     output_dir = Path(cfg.output_dir).resolve()
@@ -203,8 +204,10 @@ def _setup(cfg: TrainConfig, resume: bool | str, progress: bool = True) -> _Run:
     objective = build_objective(cfg.loss)
     # A text corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
     train_source = prepare_train_source(cfg.data, output_dir, progress=main and progress)
+    fast = resolve_fast_tokenizer(cfg.data.fast_tokenizer, model, batch_size=cfg.data.batch_size,
+                                  num_workers=cfg.data.num_workers, device=accelerator.device)
     stream = TrainStream(
-        replace(cfg.data, train=train_source),
+        replace(cfg.data, train=train_source, fast_tokenizer=fast),
         model.tokenizer,
         max_length=cfg.model.max_length,
         seed=cfg.seed,
