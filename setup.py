@@ -17,7 +17,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["trainer", "trainer.*", "kernels", "kernels.*"]),
+    # The kernel library lives in kernels/ but installs as `contrastive_kernels`: an installed top-level `kernels`
+    # would shadow (and overwrite the files of) Hugging Face's `kernels` package, which transformers probes for.
+    # trainer/kernels.py finds it under either name.
+    packages=find_packages(include=["trainer", "trainer.*"]) + ["contrastive_kernels"],
+    package_dir={"contrastive_kernels": "kernels"},
     install_requires=[
         "torch>=2.3",
         "transformers>=4.45",
