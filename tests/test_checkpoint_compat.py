@@ -3,7 +3,7 @@ whose schema differs), while checkpoints written by older versions under the old
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pytest
 
@@ -16,10 +16,17 @@ from trainer.engine import train
 def test_keep_and_state_name_and_legacy_resume(tmp_path):
     quick = ("eval.sts_dir=", "tracking.enabled=false", "checkpoint_every=2", "log_every=1")
     cfg = tiny_config(tmp_path, "run", *quick, "optim.max_steps=6", "checkpoint_keep=3")
-    train(cfg)
+    old_umask = os.umask(0o022)
+    try:
+        train(cfg)
+    finally:
+        os.umask(old_umask)
     kept = list_checkpoints(cfg.output_dir)
     assert [p.name for p in kept] == ["step_00000002", "step_00000004", "step_00000006"]
     assert all((p / STATE_FILE).is_file() and not (p / LEGACY_STATE_FILE).exists() for p in kept)
+    # every file of a checkpoint, Accelerate's model.safetensors included, follows the umask (not 0600)
+    modes = {str(f.relative_to(kept[-1])): f.stat().st_mode & 0o777 for f in kept[-1].rglob("*") if f.is_file()}
+    assert "state/model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
     # A checkpoint as version 0.1 wrote it: the state under HF Trainer's name.
     last = kept[-1]
