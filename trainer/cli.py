@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Accelerate logs every file of every checkpoint at INFO; keep the console for progress and results.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)  # "Saving model to <tmp folder>" on export
     try:
         return int(args.command_fn(args) or 0)
     except UserError as exc:
