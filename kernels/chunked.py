@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.family import (Family, check_family, check_number, check_tensors, log_weight_inv_tau,
+from .family import (Family, check_family, check_number, check_tensors, log_weight_inv_tau,
                             negative_log_weight, positive_mask)
 
 # A tile holds at most this many elements by default (2 MiB per fp32 temporary).

@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.chunked import chunked_lse
-from kernels.family import check_family, check_tensors
-from kernels.reference import dense_lse
+from .chunked import chunked_lse
+from .family import check_family, check_tensors
+from .reference import dense_lse
 
 # The one list of backend names (trainer's LossConfig.kernel Literal must list the same; a test checks it).
 BACKENDS = ("auto", "triton", "chunked", "reference")
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     _HAS_TRITON = False
 
 if _HAS_TRITON:
-    from kernels.triton_op import triton_lse
+    from .triton_op import triton_lse
 
 
 def triton_available() -> bool:

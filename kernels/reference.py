@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.family import Family, check_family, check_tensors, log_weight_inv_tau
+from .family import Family, check_family, check_tensors, log_weight_inv_tau
 
 
 def dense_lse(anchors: Tensor, candidates: Tensor, family: Family, positive_index_N: Tensor,

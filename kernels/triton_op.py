@@ -15,8 +15,8 @@ import torch
 import triton
 from torch import Tensor
 
-from kernels.family import Family, check_family, check_tensors
-from kernels.triton_kernels import bwd_da_kernel, bwd_dc_kernel, bwd_grad_kernel, fwd_kernel
+from .family import Family, check_family, check_tensors
+from .triton_kernels import bwd_da_kernel, bwd_dc_kernel, bwd_grad_kernel, fwd_kernel
 
 # last launched compiled kernel per role (benchmarks read registers / spills from it)
 _COMPILED: dict = {}

@@ -59,6 +59,7 @@ def test_twenty_steps_loss_decreases_and_logs_to_mlflow(tmp_path):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.001"
+    assert run.data.params["mixed_precision_effective"] == "no"  # the winner of run config / launcher / default
     for key in ("train/loss", "train/lr", "eval/stsb_dev", "throughput/sentences_per_s"):
         assert key in run.data.metrics, key
     assert [m.step for m in client.get_metric_history(result.run_id, "eval/stsb_dev")] == [0, 10, 20]

@@ -3,9 +3,11 @@
 Layout under `<output_dir>`:
 - `checkpoints/step_XXXXXXXX/` holds `state/` (Accelerate: model, optimizer, every rank's RNG, ZeRO shards),
   `model/` (a `SentenceEncoder.save` folder), `objective.pt` (the queue), `scheduler.json` (the LR schedule)
-  and `trainer_state.json` (a `TrainState`: step, best and initial score, MLflow run id, data position; plus
-  `files`, the size of every other file). It is written as `.tmp_step_XXXXXXXX/` and renamed when complete;
-  only folders holding `trainer_state.json` count, and the newest `KEEP_CHECKPOINTS` are kept.
+  and `contrastive_state.json` (a `TrainState`: step, best and initial score, MLflow run id, data position; plus
+  `files`, the size of every other file; not named like HF Trainer's `trainer_state.json`, whose schema
+  differs). It is written as `.tmp_step_XXXXXXXX/` and renamed when complete; only folders holding the state
+  file count (checkpoints of older versions, which named it `trainer_state.json`, still do and resume), and the
+  newest `checkpoint_keep` are kept.
 - `best/` is the model with the best STS-B dev score (`step.txt` says which step), replaced atomically.
 
 Every method is called on every rank: they hold the barriers that keep ranks in step; rank 0 alone writes
@@ -31,18 +33,25 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from trainer.checkpoint_files import STATE_FILE, file_sizes, load_restricted, verify_checkpoint
+from trainer.checkpoint_files import (  # noqa: F401 - the state file names are part of this module's surface
+    LEGACY_STATE_FILE,
+    STATE_FILE,
+    file_sizes,
+    load_restricted,
+    state_file,
+    verify_checkpoint,
+)
 from trainer.errors import UserError
+from trainer.files import follow_umask
 from trainer.outputs import writing
 
 log = logging.getLogger(__name__)
 SCHEDULER_FILE = "scheduler.json"
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
 class TrainState:
-    """The loop's own state, saved as `trainer_state.json` beside Accelerate's state."""
+    """The loop's own state, saved as `contrastive_state.json` beside Accelerate's state."""
 
     step: int = 0
     """Optimizer steps done."""
@@ -69,7 +78,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file())
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and state_file(p) is not None)
 
 
 def find_last_checkpoint(output_dir: str | Path) -> Optional[Path]:
@@ -92,7 +101,7 @@ def atomic_replace_dir(tmp: Path, final: Path) -> None:
 class Checkpointer:
     """Saves and restores one run's checkpoints in `output_dir` for the ranks of `accelerator`."""
 
-    def __init__(self, output_dir: str | Path, accelerator: Any, *, keep: int = KEEP_CHECKPOINTS) -> None:
+    def __init__(self, output_dir: str | Path, accelerator: Any, *, keep: int = 2) -> None:
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / "checkpoints"
         self.accelerator = accelerator
@@ -112,7 +121,7 @@ class Checkpointer:
         or None for a fresh run. A fresh run refuses an output_dir that already holds checkpoints."""
         if resume:
             path = Path(resume) if isinstance(resume, (str, Path)) else self.find_last()
-            if path is None or not (path / STATE_FILE).is_file():
+            if path is None or state_file(path) is None:
                 raise UserError(f"--resume: no complete checkpoint found in {self.root}")
             with self._naming(path):
                 verify_checkpoint(path)
@@ -148,6 +157,7 @@ class Checkpointer:
                 # written last: its presence marks the checkpoint complete, its file list covers the rest
                 state = dataclasses.replace(state, data=stream.state_dict())
                 (tmp / STATE_FILE).write_text(state.to_json(files=file_sizes(tmp)))
+                follow_umask(tmp)  # Accelerate's model.safetensors comes out 0600 whatever the umask
                 atomic_replace_dir(tmp, final)
                 for old in list_checkpoints(self.output_dir)[: -self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -162,7 +172,7 @@ class Checkpointer:
                 self.accelerator.load_state(str(accelerate_dir))
             self._check_rng_restored(state_dir)
             scheduler.load_state_dict(_read_scheduler(path))
-            state = TrainState.from_json((path / STATE_FILE).read_text())
+            state = TrainState.from_json(state_file(path).read_text())
             stream.load_state_dict(state.data)
             objective_file = path / "objective.pt"
             if objective_file.is_file():

@@ -9,7 +9,7 @@ numbers, numpy arrays (Accelerate's RNG states), and the four plain-data classes
 files. A full unpickler replaying a stream that the restricted one accepted calls nothing else. JSON files must
 parse and safetensors headers must cover their files.
 
-`trainer_state.json` lists every file of the checkpoint with its size (`files`, written when the checkpoint is
+The state file (`contrastive_state.json`) lists every file of the checkpoint with its size (`files`, written when the checkpoint is
 sealed), so truncation and tampering show even in files nobody parses (vocab.txt); checkpoints written before
 that list existed are checked by content only.
 """
@@ -26,7 +26,16 @@ import torch
 
 from trainer.errors import UserError
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "contrastive_state.json"
+LEGACY_STATE_FILE = "trainer_state.json"  # what versions <= 0.1 wrote (HF Trainer's name, another schema): read, never written
+
+
+def state_file(checkpoint: Path) -> Optional[Path]:
+    """The checkpoint's state file (the legacy name for checkpoints of older versions), or None."""
+    for name in (STATE_FILE, LEGACY_STATE_FILE):
+        if (checkpoint / name).is_file():
+            return checkpoint / name
+    return None
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive holding the pickle
 _PICKLE_PROTO = 0x80  # the PROTO opcode that starts every binary pickle (protocol >= 2)
@@ -152,17 +161,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
-    """`{relative path: bytes}` of every file under `folder` except `trainer_state.json` (which holds it)."""
+    """`{relative path: bytes}` of every file under `folder` except the state file (which holds it)."""
     return {
         p.relative_to(folder).as_posix(): p.stat().st_size
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.relative_to(folder).as_posix() != STATE_FILE
+        if p.is_file() and p.relative_to(folder).as_posix() not in (STATE_FILE, LEGACY_STATE_FILE)
     }
 
 
 def read_state(folder: Path) -> dict:
-    """The parsed `trainer_state.json` of a checkpoint folder."""
-    path = folder / STATE_FILE
+    """The parsed state file of a checkpoint folder."""
+    path = state_file(folder) or folder / STATE_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -193,7 +202,7 @@ def _check_content(path: Path) -> None:
 
 
 def verify_checkpoint(folder: Path) -> dict:
-    """Check every file of a checkpoint folder (see the module doc); returns its parsed `trainer_state.json`."""
+    """Check every file of a checkpoint folder (see the module doc); returns its parsed state file."""
     state = read_state(folder)
     on_disk = file_sizes(folder)
     for rel in on_disk:

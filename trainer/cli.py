@@ -57,6 +57,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--list-keys", action="store_true", help="list every config key with its doc and exit")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar nor progress lines (TQDM_DISABLE=1 silences the bars only)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
 
 
@@ -85,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from trainer.engine import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, progress=not args.no_progress)
     return 0
 
 
@@ -200,6 +202,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True,
                         help="folder to write; an existing one is replaced only if empty or an earlier export")
     parser.add_argument("--overwrite", action="store_true", help="replace --output whatever it holds")
+    parser.add_argument("--push-to-hub", metavar="REPO",
+                        help="then upload the folder to this Hugging Face Hub model repo (user/name; created if missing)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -207,6 +211,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = export(args.checkpoint, args.output, overwrite=args.overwrite)
     print(f"exported to {path}; load it with sentence_transformers.SentenceTransformer({str(path)!r})")
+    if args.push_to_hub:
+        from trainer.export import push_to_hub
+
+        print(f"pushed to {push_to_hub(path, args.push_to_hub)}")
     return 0
 
 
@@ -285,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Accelerate logs every file of every checkpoint at INFO; keep the console for progress and results.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)  # "Saving model to <tmp folder>" on export
     try:
         return int(args.command_fn(args) or 0)
     except UserError as exc:

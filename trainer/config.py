@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -88,6 +88,9 @@ class DataConfig:
     """Corrupt/missing shard policy: `raise` stops with a clear error, `skip` logs, counts and moves on."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Fraternal-view augmentation rates."""
+    fast_tokenizer: Literal["auto", "on", "off"] = "auto"
+    """The hand-written, exact WordPiece path (BERT tokenizers only): `on`, `off`, or `auto` = on only where a
+    start-up timing shows the plain tokenizer would take more than 5% of a step (trainer/tokenizer_choice.py)."""
     shard_size: int = 10_000
     """Samples per shard when `train` is a text corpus sharded on the fly (rebuilt only when the file's size
     or mtime changes)."""
@@ -166,21 +169,57 @@ class OptimConfig:
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and LayerNorm)."""
     max_steps: int = 1000
-    """Optimizer steps to train for (the run ends earlier if a finite stream is exhausted)."""
+    """Optimizer steps to train for. The run always does them all: at the end of the data the stream starts
+    its next epoch (reshuffled); it never ends the run early. See `epochs` for a stop in passes over the data."""
+    epochs: int = 0
+    """Train for this many passes over the data instead of `max_steps` (0 = use `max_steps`): `max_steps` is then
+    derived when the stream is built, as the batches per rank of these epochs // `grad_accum` (the log says
+    the figure)."""
     warmup_steps: int = 0
-    """Linear warmup from 0 to `lr`, then linear decay to 0 at `max_steps`."""
+    """Optimizer steps of linear warmup from 0 to `lr` (0 = use `warmup_ratio`)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's optimizer steps (rounded up, as HF Trainer does); exclusive with
+    `warmup_steps`."""
+    scheduler: Literal["linear", "cosine", "constant", "warmup_stable_decay"] = "linear"
+    """LR after warmup, HF Trainer's curves (`transformers.get_scheduler`): `linear` decay to 0 at the last
+    step, `cosine` (half a cosine to 0), `constant`, or `warmup_stable_decay` (constant, then a cosine decay
+    to 0 over the last `decay_ratio` of the steps)."""
+    decay_ratio: float = 0.1
+    """`warmup_stable_decay` only: the fraction of the steps spent in the final decay."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step. It multiplies the sentences per step, not the negatives: each
+    micro-batch's anchors are scored against that micro-batch's candidates only (see `mini_batch_size`)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.lr < math.inf or self.max_steps < 1 or self.grad_accum < 1:  # written so that nan fails
             raise ConfigError("optim.lr must be finite and > 0, optim.max_steps and optim.grad_accum >= 1")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ConfigError(f"optim.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        if self.epochs < 0 or self.warmup_steps < 0:
+            raise ConfigError("optim.epochs and optim.warmup_steps must be >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.decay_ratio <= 1.0:
+            raise ConfigError("optim.warmup_ratio must be in [0, 1) and optim.decay_ratio in [0, 1]")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("set optim.warmup_steps or optim.warmup_ratio, not both")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("optim.max_grad_norm and optim.weight_decay must be >= 0")
+        if not self.epochs:  # with epochs, max_steps is known once the stream is built (TrainConfig.with_epochs)
+            self.check_steps()
+
+    def check_steps(self) -> None:
+        """The checks that depend on `max_steps`."""
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"optim.warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.scheduler == "warmup_stable_decay" and self.num_warmup_steps() + self.num_decay_steps() > self.max_steps:
+            raise ConfigError(f"optim: warmup and decay_ratio together exceed max_steps={self.max_steps}")
+
+    def num_warmup_steps(self) -> int:
+        """Warmup steps: `warmup_steps`, else `warmup_ratio` of `max_steps` rounded up."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
+
+    def num_decay_steps(self) -> int:
+        """`warmup_stable_decay`: steps of the final decay."""
+        return math.ceil(self.decay_ratio * self.max_steps)
 
 
 @dataclass(slots=True)
@@ -246,12 +285,16 @@ class TrainConfig:
     """Checkpoints, the resolved config, logs and the embedded MLflow store go here."""
     seed: int = 42
     """Seed for model init, dropout, data order and augmentation."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision of the forward pass (master weights stay fp32)."""
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    """Autocast precision of the forward pass (master weights stay fp32). None lets the launcher decide
+    (`accelerate launch --mixed_precision`, the accelerate config's `mixed_precision`), else "no"; a value set
+    here wins over the launcher's. The run log names the winner; MLflow records it as `mixed_precision_effective`."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N optimizer steps (0 = only at eval points and the end)."""
     log_every: int = 10
     """Log train metrics every N optimizer steps."""
+    checkpoint_keep: int = 2
+    """Resumable checkpoints kept in `<output_dir>/checkpoints` (the newest N; `best/` is kept apart)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Encoder and pooler."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -270,6 +313,8 @@ class TrainConfig:
             raise ConfigError("output_dir must not be empty")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise ConfigError("log_every must be >= 1 and checkpoint_every >= 0")
+        if self.checkpoint_keep < 1:
+            raise ConfigError(f"checkpoint_keep must be >= 1 (resume needs the last checkpoint), got {self.checkpoint_keep}")
 
     def global_batch_size(self, world_size: int) -> int:
         """Sentences per micro-batch over all processes (the candidates each anchor is scored against)."""
@@ -278,6 +323,16 @@ class TrainConfig:
     def sentences_per_step(self, world_size: int) -> int:
         """Sentences per optimizer step over all processes (every micro-batch holds `data.batch_size` rows)."""
         return self.global_batch_size(world_size) * self.optim.grad_accum
+
+    def with_epochs(self, batches_per_epoch: Callable[[int], int]) -> "TrainConfig":
+        """With `optim.epochs` set, this config with `optim.max_steps` derived from the stream
+        (`batches_per_epoch(e)`: batches every rank yields in epoch e); otherwise the config itself."""
+        if not self.optim.epochs:
+            return self
+        batches = sum(batches_per_epoch(epoch) for epoch in range(self.optim.epochs))
+        optim = dataclasses.replace(self.optim, max_steps=max(1, batches // self.optim.grad_accum))
+        optim.check_steps()
+        return dataclasses.replace(self, optim=optim)
 
     def log_due(self, step: int) -> bool:
         """Whether train metrics are logged after optimizer step `step` (always at the last step)."""
@@ -312,6 +367,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads bare no/off/yes/on (`mixed_precision=no`) as booleans
+            value = next((w for w in (("yes", "on") if value else ("no", "off")) if w in args), value)
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value

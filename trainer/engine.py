@@ -142,20 +142,22 @@ def train(
     *,
     resume: bool | str = False,
     on_step: Optional[Callable[[int, float], None]] = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train as configured. `resume=True` continues from the last checkpoint in `output_dir` (a path: from that
     checkpoint). `on_step(step, loss)` is called on every rank after each optimizer step (tests use it to
-    simulate a crash). Rank 0 holds `<output_dir>/.run.lock` until it returns: a second run there stops at once."""
+    simulate a crash). `progress=False`: no progress bar nor progress lines (`train --no-progress`). Rank 0 holds
+    `<output_dir>/.run.lock` until it returns: a second run there stops at once."""
     started = time.perf_counter()
     lock = OutputLock(Path(cfg.output_dir).resolve())
     try:
-        run = _setup(cfg, resume, lock)
-        return _train(run, started, on_step)
+        run = _setup(cfg, resume, lock, progress)
+        return _train(run, started, on_step, progress)
     finally:
         lock.release()
 
 
-def _train(run: _Run, started: float, on_step: Optional[Callable[[int, float], None]]) -> TrainResult:
+def _train(run: _Run, started: float, on_step: Optional[Callable[[int, float], None]], progress: bool) -> TrainResult:
     """Initial eval, the steps, the last eval and checkpoint, the final report and summary."""
     cfg = run.cfg
     result = TrainResult(run_id=run.tracker.run_id, tracking_uri=run.tracker.display_uri)
@@ -166,7 +168,7 @@ def _train(run: _Run, started: float, on_step: Optional[Callable[[int, float], N
 
     finished = False
     try:
-        _train_steps(run, result, on_step)
+        _train_steps(run, result, on_step, progress)
         if cfg.eval.enabled and not cfg.eval.due(run.state.step):
             run.evaluate(run.state.step)
         if not run.checkpointer.has(run.state.step):
@@ -187,7 +189,7 @@ def _train(run: _Run, started: float, on_step: Optional[Callable[[int, float], N
     return result
 
 
-def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock) -> _Run:
+def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock, progress: bool = True) -> _Run:
     """Accelerator, output folder and its lock, model, objective, data stream, `prepare`, resume, tracking."""
     from accelerate.utils import set_seed
 
@@ -195,6 +197,7 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock) -> _Run:
     from trainer.export import check_target
     from trainer.losses import build_objective
     from trainer.model import build_encoder
+    from trainer.tokenizer_choice import resolve_fast_tokenizer
     from trainer.tracking import Tracker
 
     output_dir = Path(cfg.output_dir).resolve()
@@ -206,7 +209,7 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock) -> _Run:
         with writing("the output folder", output_dir):
             output_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
-    checkpointer = Checkpointer(output_dir, accelerator)
+    checkpointer = Checkpointer(output_dir, accelerator, keep=cfg.checkpoint_keep)
     resume_from = checkpointer.resume_point(resume)
     if main:
         check_target(output_dir / "export")  # the final export must not fail after the whole run
@@ -219,9 +222,11 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock) -> _Run:
     model = build_encoder(cfg.model)
     objective = build_objective(cfg.loss)
     # A text corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
-    train_source = prepare_train_source(cfg.data, output_dir, progress=main)
+    train_source = prepare_train_source(cfg.data, output_dir, progress=main and progress)
+    fast = resolve_fast_tokenizer(cfg.data.fast_tokenizer, model, batch_size=cfg.data.batch_size,
+                                  num_workers=cfg.data.num_workers, device=accelerator.device)
     stream = TrainStream(
-        replace(cfg.data, train=train_source),
+        replace(cfg.data, train=train_source, fast_tokenizer=fast),
         model.tokenizer,
         max_length=cfg.model.max_length,
         seed=cfg.seed,
@@ -230,6 +235,8 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock) -> _Run:
         work_dir=output_dir,
         fraternal=make_fraternal(cfg.data.augment) if objective.needs_fraternal else None,
     )
+    if cfg.optim.epochs:
+        cfg = _steps_from_epochs(cfg, stream, main)
     prep = runtime.prepare(accelerator, model, cfg)
     state = TrainState()
     if resume_from is not None:
@@ -245,21 +252,38 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock) -> _Run:
     else:
         world = accelerator.num_processes
         tracker.log_params(flatten(cfg))
-        tracker.log_params({"world_size": world, "global_batch": cfg.global_batch_size(world)})
+        tracker.log_params({"world_size": world, "global_batch": cfg.global_batch_size(world),
+                            "mixed_precision_effective": accelerator.mixed_precision})
         tracker.log_artifact(output_dir / "config.yaml")
     metrics = _Metrics(tracker, output_dir / METRICS_FILE, main)
     return _Run(cfg, accelerator, prep, objective, stream, checkpointer, tracker, metrics, state, resume_from)
 
 
-def _train_steps(run: _Run, result: TrainResult, on_step: Optional[Callable[[int, float], None]]) -> None:
+def _steps_from_epochs(cfg: TrainConfig, stream: Any, main: bool) -> TrainConfig:
+    """`optim.epochs` -> `optim.max_steps`, from the stream's batches per rank in each epoch."""
+    from trainer.config import ConfigError
+
+    try:
+        cfg = cfg.with_epochs(stream.batches_per_epoch)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    if main:
+        log.info("optim.epochs=%d: %d optimizer steps (%d batches per rank in epoch 0, grad_accum %d)",
+                 cfg.optim.epochs, cfg.optim.max_steps, stream.batches_per_epoch(0), cfg.optim.grad_accum)
+    return cfg
+
+
+def _train_steps(
+    run: _Run, result: TrainResult, on_step: Optional[Callable[[int, float], None]], progress: bool
+) -> None:
     """Optimizer steps up to `optim.max_steps`, with logging, periodic evaluation and checkpoints."""
-    from tqdm.auto import tqdm
+    from trainer.progress import StepProgress
 
     cfg, state = run.cfg, run.state
     batches = _batches(run.stream, run.accelerator.device)
     window = _Window()
     run.prep.model.train()
-    bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", disable=not run.main, dynamic_ncols=True)
+    bar = StepProgress(cfg.optim.max_steps, state.step, enabled=run.main and progress, every=cfg.log_every)
     try:
         while state.step < cfg.optim.max_steps:
             out = _optimizer_step(run, batches, window)
@@ -268,8 +292,7 @@ def _train_steps(run: _Run, result: TrainResult, on_step: Optional[Callable[[int
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {state.step}")
             result.losses.append((state.step, loss))
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.update(1)
+            bar.update(state.step, loss)
             if cfg.log_due(state.step):
                 lr = run.prep.scheduler.get_last_lr()[0]
                 run.metrics.record({**window.flush(lr), **_loss_logs(out)}, state.step)

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from trainer.errors import UserError
+from trainer.progress import bar_switch
 
 log = logging.getLogger(__name__)
 STS_YEARS = ("sts12", "sts13", "sts14", "sts15", "sts16")
@@ -186,7 +187,7 @@ def _cosine(model, left: list[str], right: list[str], cache: dict, batch_size: i
 
     # Chunks of a few batches give a progress bar without asking the encoder for one (any `.encode` works).
     chunk = batch_size * 8
-    for start in tqdm(range(0, len(missing), chunk), desc="encode", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(missing), chunk), desc="encode", **bar_switch(progress), leave=False):
         part = missing[start : start + chunk]
         emb = model.encode(part, batch_size=batch_size)
         emb = np.asarray(emb.float().numpy() if hasattr(emb, "numpy") else emb, dtype=np.float64)

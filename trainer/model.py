@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.files import follow_umask
+from trainer.progress import bar_switch
 
 POOLERS = ("cls", "cls_mlp", "mean")
 ENCODER_CONFIG = "encoder_config.json"
@@ -103,7 +105,7 @@ class SentenceEncoder(nn.Module):
         from tqdm.auto import tqdm
 
         starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="encode", disable=not progress, leave=False):
+        for start in tqdm(starts, desc="encode", **bar_switch(progress), leave=False):
             idx = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in self.tokenize([sentences[i] for i in idx]).items()}
             out[idx] = self(**batch).float().cpu()
@@ -121,6 +123,7 @@ class SentenceEncoder(nn.Module):
         )
         if self.mlp is not None:
             torch.save(self.mlp.state_dict(), directory / "mlp.pt")
+        follow_umask(directory)  # safetensors writes model.safetensors 0600 whatever the umask
         return directory
 
     @classmethod

@@ -8,14 +8,20 @@ registered with `accelerator.register_for_checkpointing`: Accelerate would pickl
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from trainer import distributed as dist
 from trainer.config import OptimConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+# What `accelerate launch --mixed_precision` and the accelerate config file set; Accelerate reads it only when
+# `Accelerator(mixed_precision=None)` (PLATFORM.md).
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 
 
 @dataclass
@@ -47,7 +53,7 @@ def make_accelerator(cfg: TrainConfig):
     dist.skip_deepspeed_cpu_jit_ops()
     accelerator = Accelerator(
         cpu=on_cpu and not dist.deepspeed_requested(),
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=cfg.mixed_precision,  # None: the launcher's choice (Accelerate reads its environment)
         gradient_accumulation_steps=cfg.optim.grad_accum,
         kwargs_handlers=kwargs,
     )
@@ -55,18 +61,37 @@ def make_accelerator(cfg: TrainConfig):
         raise RuntimeError(
             f"Accelerate started {accelerator.num_processes} process(es) but the launcher set WORLD_SIZE={expected}"
         )
+    if accelerator.is_main_process:
+        log.info("mixed precision %s (from %s)", accelerator.mixed_precision, precision_source(cfg))
     return accelerator
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup over `warmup` steps, then linear decay to 0 at `total`."""
+def precision_source(cfg: TrainConfig) -> str:
+    """Which setting decides the precision: the run config's value > the launcher's > Accelerate's default."""
+    if cfg.mixed_precision is not None:
+        return "run config"
+    if os.environ.get(LAUNCHER_PRECISION_ENV):
+        return f"launcher ({LAUNCHER_PRECISION_ENV})"
+    return "default"
 
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
 
-    return fn
+# Our names -> transformers' scheduler types; `constant` keeps the warmup (HF's plain "constant" has none).
+_SCHEDULERS = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant_with_warmup",
+    "warmup_stable_decay": "warmup_stable_decay",
+}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """`optim.scheduler` over `optim.max_steps` optimizer steps, HF Trainer's curves (`transformers.get_scheduler`):
+    the LR of optimizer step k (from 1) is lr * f(k - 1), so warmup starts from 0 as HF's does."""
+    from transformers import get_scheduler
+
+    extra = {"num_decay_steps": cfg.num_decay_steps()} if cfg.scheduler == "warmup_stable_decay" else None
+    return get_scheduler(_SCHEDULERS[cfg.scheduler], optimizer, num_warmup_steps=cfg.num_warmup_steps(),
+                         num_training_steps=cfg.max_steps, scheduler_specific_kwargs=extra)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -88,7 +113,7 @@ def prepare(accelerator: Any, model: torch.nn.Module, cfg: TrainConfig) -> Prepa
     optimizer = build_optimizer(model, cfg.optim)
     # The scheduler is stepped by hand once per optimizer step: Accelerate's prepared scheduler steps
     # num_processes times per call, which would end the schedule W times too early.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.max_steps))
+    scheduler = build_scheduler(optimizer, cfg.optim)
     # DeepSpeed: micro batch from data.batch_size (no DataLoader is prepared), clipping = optim.max_grad_norm.
     dist.configure_deepspeed(accelerator, micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)

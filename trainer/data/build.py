@@ -33,6 +33,7 @@ from trainer.config import DataConfig
 from trainer.data.shard_format import FORMAT_VERSION, MANIFEST, SHARD_NAME, read_manifest, sample_key, tar_bytes
 from trainer.data.sources import expand_inputs, parse_source, work_dir_lock
 from trainer.errors import UserError
+from trainer.progress import bar_switch
 
 __all__ = [
     "DEFAULT_MAX_CHARS",
@@ -374,7 +375,7 @@ def build_shards(
 
     writer = _ShardWriter(output_dir, shard_size, workers)
     bar = tqdm(total=sum(r["bytes"] for r in records), unit="B", unit_scale=True, desc="shard",
-               disable=None if progress else True, dynamic_ncols=True)
+               dynamic_ncols=True, **bar_switch(progress))
     try:
         cleaners = _read_inputs(files, writer, bar, field=field, dedup=dedup, min_chars=min_chars, max_chars=max_chars)
         entries = writer.finish()

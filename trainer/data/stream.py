@@ -145,7 +145,7 @@ class TrainStream:
                 f"data.train has {self.num_samples} samples, fewer than one global batch "
                 f"(world_size {world_size} x batch_size {cfg.batch_size})"
             )
-        self._encode = make_batch_encoder(tokenizer, max_length)
+        self._encode = make_batch_encoder(tokenizer, max_length, fast=cfg.fast_tokenizer != "off")
         self._workers = max(1, cfg.num_workers)  # logical workers; 0 DataLoader workers read in-process
         self._plans: dict[int, _EpochPlan] = {}
         self._epoch = 0

@@ -2,7 +2,8 @@
 
 `make_batch_encoder(tokenizer, max_length)` returns `texts -> int64 numpy arrays` equal to the tokenizer's own
 padded, truncated call. For BERT WordPiece tokenizers that is a cached Python path several times faster than
-the Rust tokenizer per batch; it is used only after it matched the tokenizer on a set of probe sentences.
+the Rust tokenizer per batch; it is used only after it matched the tokenizer on a set of probe sentences, and
+only where `data.fast_tokenizer` asks for it (trainer/tokenizer_choice.py holds the rule of `auto`).
 """
 
 from __future__ import annotations
@@ -221,13 +222,15 @@ _PROBES = [
 ]
 
 
-def make_batch_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], Arrays]:
+def make_batch_encoder(tokenizer: Any, max_length: int, *, fast: bool = True) -> Callable[[list[str]], Arrays]:
     """A function `texts -> {input_ids, attention_mask[, token_type_ids]}` (int64 numpy arrays, right-padded
     to the longest row, truncated at max_length) equal to
-    `tokenizer(texts, padding="longest", truncation=True, max_length=max_length)`; the
-    fast WordPiece path is used only for BERT-style tokenizers and only after matching the tokenizer's own
-    output on a set of probe sentences."""
+    `tokenizer(texts, padding="longest", truncation=True, max_length=max_length)`. With `fast`, the
+    WordPiece path is used for BERT-style tokenizers, only after matching the tokenizer's own output on a
+    set of probe sentences (`data.fast_tokenizer` decides, see trainer/tokenizer_choice.py)."""
     reference = _HFEncoder(tokenizer, max_length)
+    if not fast:
+        return reference
     try:
         fast = _WordPieceEncoder(tokenizer, max_length)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

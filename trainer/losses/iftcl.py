@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from kernels.family import check_number, check_tensors
+from trainer.kernels.family import check_number, check_tensors
 from trainer.losses.infonce import append_queue, check_common, contrastive_terms, positive_similarity
 from trainer.losses.queue import HippocampusQueue
 from trainer.losses.softcse import softcse_family_kwargs, softcse_terms

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import kernels
-from kernels.dispatch import check_backend
-from kernels.family import check_number, check_tensors
+from trainer import kernels
+from trainer.kernels.dispatch import check_backend
+from trainer.kernels.family import check_number, check_tensors
 
 
 def check_common(anchors: Tensor, candidates: Tensor, positive_index: Optional[Tensor], *, temperature: float,

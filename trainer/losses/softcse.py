@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import kernels
-from kernels.family import check_number
+from trainer import kernels
+from trainer.kernels.family import check_number
 from trainer.losses.infonce import append_queue, check_common, contrastive_terms
 
 SOFTCSE_MODES = ("weight", "temperature")
