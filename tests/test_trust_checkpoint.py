@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.helpers import make_tiny_encoder_dir, write_corpus
-from trainer.checkpoint import find_last_checkpoint
+from trainer.checkpoint import LEGACY_STATE_FILE, STATE_FILE, find_last_checkpoint
 from trainer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,9 +161,10 @@ def _make_legacy(checkpoint: Path, *, keep_scheduler_pickle: bool = False) -> No
         (checkpoint / "scheduler.json").unlink()
         if not keep_scheduler_pickle:
             torch.save(schedule, checkpoint / "state" / "custom_checkpoint_0.pkl")
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = json.loads((checkpoint / STATE_FILE).read_text())
     state.pop("files", None)
-    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / STATE_FILE).unlink()  # and the state file under its old name
+    (checkpoint / LEGACY_STATE_FILE).write_text(json.dumps(state))
 
 
 def test_a_checkpoint_of_the_old_layout_resumes_with_its_schedule(built, capsys):
@@ -195,7 +196,7 @@ def _truncate(path: Path) -> None:
     ("state/model.safetensors", "corrupt or truncated"),
     ("model/tokenizer.json", "corrupt or truncated"),
     ("objective.pt", "corrupt or truncated"),
-    ("trainer_state.json", "corrupt or truncated"),
+    (STATE_FILE, "corrupt or truncated"),
 ])
 def test_a_truncated_file_is_one_line_naming_it_and_the_checkpoint_before(built, capsys, rel, expect):
     line = _tamper_and_resume(built, capsys, "truncated", lambda ckpt: _truncate(ckpt / rel))
@@ -222,9 +223,9 @@ def test_an_rng_state_that_does_not_load_is_an_error_not_an_info_line(built, cap
     def plain_but_wrong(ckpt: Path) -> None:
         path = ckpt / "state" / "random_states_0.pkl"
         torch.save({"step": 0, "random_state": "not a state"}, path)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = json.loads((ckpt / STATE_FILE).read_text())
         state["files"]["state/random_states_0.pkl"] = path.stat().st_size  # as if written so
-        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        (ckpt / STATE_FILE).write_text(json.dumps(state))
 
     line = _tamper_and_resume(built, capsys, "rng", plain_but_wrong)
     assert "random_states_0.pkl" in line and "RNG state" in line, line
