@@ -99,8 +99,6 @@ def _error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("error: "), err[-2000:]
     assert "Traceback" not in err, err[-2000:]
-    if os.environ.get("SHOW_ERRORS"):
-        print("LINE:", lines[-1], file=sys.__stdout__)
     return lines[-1]
 
 
