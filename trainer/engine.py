@@ -5,6 +5,8 @@ One step of unsupervised SimCSE: each local sentence is encoded twice in one for
 view-2 embeddings of every rank are gathered with gradient (`distributed.gather_with_grad`), and the loss
 scores local anchors against all candidates with the positive at `rank * B_local + i`. IFTCL adds a third,
 token-augmented (fraternal) view and a queue of past candidates, which the loop fills after each backward.
+Pair data (anchor, positive, hard negatives) takes `trainer.pair_step.pair_step_loss` instead, batch by batch
+(a `data.sources` mixture may alternate text and pair batches).
 
 The Accelerator, optimizer and schedule come from `trainer.runtime`; checkpoints, their layout and the kept
 best model from `trainer.checkpoint`.
@@ -16,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -179,7 +181,7 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     """Accelerator, output folder, model, objective, data stream, `prepare`, resume, tracking."""
     from accelerate.utils import set_seed
 
-    from trainer.data import TrainStream, make_fraternal, prepare_train_source
+    from trainer.data import make_fraternal, make_train_stream
     from trainer.losses import build_objective
     from trainer.model import build_encoder
     from trainer.tracking import Tracker
@@ -200,10 +202,9 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     set_seed(cfg.seed)
     model = build_encoder(cfg.model)
     objective = build_objective(cfg.loss)
-    # A text corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
-    train_source = prepare_train_source(cfg.data, output_dir, progress=main)
-    stream = TrainStream(
-        replace(cfg.data, train=train_source),
+    # A corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
+    stream = make_train_stream(
+        cfg.data,
         model.tokenizer,
         max_length=cfg.model.max_length,
         seed=cfg.seed,
@@ -211,6 +212,7 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
         world_size=accelerator.num_processes,
         work_dir=output_dir,
         fraternal=make_fraternal(cfg.data.augment) if objective.needs_fraternal else None,
+        progress=main,
     )
     prep = runtime.prepare(accelerator, model, cfg)
     state = TrainState()
@@ -232,6 +234,8 @@ def _train_steps(run: _Run, result: TrainResult, on_step: Optional[Callable[[int
     """Optimizer steps up to `optim.max_steps`, with logging, periodic evaluation and checkpoints."""
     from tqdm.auto import tqdm
 
+    from trainer.data import data_metrics
+
     cfg, state = run.cfg, run.state
     batches = _batches(run.stream, run.accelerator.device)
     window = _Window()
@@ -249,7 +253,7 @@ def _train_steps(run: _Run, result: TrainResult, on_step: Optional[Callable[[int
             bar.update(1)
             if cfg.log_due(state.step):
                 lr = run.prep.scheduler.get_last_lr()[0]
-                run.metrics.record({**window.flush(lr), **_loss_logs(out)}, state.step)
+                run.metrics.record({**window.flush(lr), **_loss_logs(out), **data_metrics(run.stream)}, state.step)
             if on_step is not None:
                 on_step(state.step, loss)
             if cfg.eval.due(state.step):
@@ -264,18 +268,21 @@ def _train_steps(run: _Run, result: TrainResult, on_step: Optional[Callable[[int
 def _optimizer_step(run: _Run, batches: Iterator[dict], window: _Window) -> dict:
     """`optim.grad_accum` micro-batches, one optimizer and scheduler step; returns the last micro-batch's
     loss dict."""
+    from trainer.pair_step import is_pair_batch, pair_step_loss
+
     acc, prep, optim = run.accelerator, run.prep, run.cfg.optim
     for _ in range(optim.grad_accum):
         batch = next(batches)
+        step_loss = pair_step_loss if is_pair_batch(batch) else _step_loss
         with acc.accumulate(prep.model):
-            out, candidates = _step_loss(prep.model, batch, run.objective, acc.process_index)
+            out, *candidates = step_loss(prep.model, batch, run.objective, acc.process_index)
             acc.backward(out["loss"])
             if acc.sync_gradients and optim.max_grad_norm > 0:
                 acc.clip_grad_norm_(prep.model.parameters(), optim.max_grad_norm)
             prep.optimizer.step()
             prep.optimizer.zero_grad(set_to_none=True)
         # Only now: enqueue overwrites queue rows in place, and a loss may keep a view of them for its backward.
-        run.objective.enqueue(candidates)
+        run.objective.enqueue(*candidates)  # pair steps also hand over the candidates' text keys
         window.add(out["loss"])
     window.sentences += run.cfg.sentences_per_step(acc.num_processes)
     prep.scheduler.step()

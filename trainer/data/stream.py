@@ -196,6 +196,14 @@ class TrainStream:
 
     # -- reading -----------------------------------------------------------------------------------------
 
+    def _tar_samples(self, stream: Any, shard: str) -> Iterator[tuple[str, Any]]:
+        """(key, raw sample) of a shard; a subclass reads another sample layout (trainer.data.pair_stream)."""
+        return iter_tar_samples(stream, shard)
+
+    def _decode(self, key: str, raw: Any, shard: str) -> Any:
+        """A raw sample (from `_tar_samples`) as the payload `_encode_chunk` takes: here the sentence."""
+        return raw.decode("utf-8", "replace").strip()
+
     def _read(self, shard: Shard, lo: int, hi: int) -> Iterator[tuple[str, str]]:
         try:
             stream = open_shard(shard.url)
@@ -203,9 +211,9 @@ class TrainStream:
             raise ShardError(shard.name, f"cannot open ({exc})") from None
         seen = 0
         try:
-            for key, data in iter_tar_samples(stream, shard.name):
+            for key, data in self._tar_samples(stream, shard.name):
                 if seen >= lo:
-                    yield key, data.decode("utf-8", "replace").strip()
+                    yield key, self._decode(key, data, shard.name)
                 seen += 1
                 if seen >= hi:
                     break
