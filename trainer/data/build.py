@@ -190,14 +190,10 @@ def _prepare_output(output_dir: Path) -> None:
 def _input_record(path: Path) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-def _write_shard(output_dir: str, shard_index: int, first_index: int, texts: list, pairs: bool = False) -> dict:
-    """Serialise one shard (of sentences, or of pairs) to a temp name, fsync, rename into place; return its
-    manifest entry."""
+def _write_shard(output_dir: str, shard_index: int, first_index: int, texts: list[str]) -> dict:
+    """Serialise one shard to a temp name, fsync, rename into place; return its manifest entry."""
     name = SHARD_NAME.format(shard_index)
-    if pairs:
-        data = pair_tar_bytes(first_index, texts)
-    else:
-        data = tar_bytes((sample_key(first_index + i), t) for i, t in enumerate(texts))
+    data = tar_bytes((sample_key(first_index + i), t) for i, t in enumerate(texts))
     tmp = os.path.join(output_dir, f".{name}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -205,6 +201,19 @@ def _write_shard(output_dir: str, shard_index: int, first_index: int, texts: lis
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(output_dir, name))
     return {"name": name, "num_samples": len(texts), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_pair_shard(output_dir: str, shard_index: int, first_index: int, pairs: list) -> dict:
+    """`_write_shard` for a shard of pairs (same temp name, fsync and rename)."""
+    name = SHARD_NAME.format(shard_index)
+    data = pair_tar_bytes(first_index, pairs)
+    tmp = os.path.join(output_dir, f".{name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(output_dir, name))
+    return {"name": name, "num_samples": len(pairs), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def manifest_matches(folder: str | Path, inputs: Sequence[str | Path], **options: Any) -> bool:
@@ -252,12 +261,13 @@ class _ShardWriter:
             del self.buffer[: self.shard_size]
 
     def _flush(self, texts: list[str]) -> None:
-        args = (str(self.output_dir), len(self.entries) + len(self.pending), self.num_samples, texts, self.pairs)
+        args = (str(self.output_dir), len(self.entries) + len(self.pending), self.num_samples, texts)
+        write = _write_pair_shard if self.pairs else _write_shard
         self.num_samples += len(texts)
         if self.pool is None:
-            self.entries.append(_write_shard(*args))
+            self.entries.append(write(*args))
             return
-        self.pending.append(self.pool.submit(_write_shard, *args))
+        self.pending.append(self.pool.submit(write, *args))
         while len(self.pending) > 2 * self.workers:  # bound memory: at most 2 queued shards per worker
             self.entries.append(self.pending.popleft().result())
 
