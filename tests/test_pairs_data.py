@@ -361,3 +361,31 @@ def test_resume_refuses_changed_sources(pairs_dir, tokenizer, tmp_path):
         mix.load_state_dict({"kind": "mixture", "sources": {"b": {}}, "drawn": 0, "counts": {}})
     with pytest.raises(UserError, match="not a data.sources mixture"):
         mix.load_state_dict({"epoch": 0, "batch": 3})
+
+
+def test_make_pairs_script_builds_sts_and_nli_pairs(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "sts" / "STSBenchmark"
+    folder.mkdir(parents=True)
+    rows = [("a man plays a guitar .", "a man is playing guitar .", 4.6),
+            ("a man plays a guitar .", "a dog runs .", 0.4),
+            ("a woman cuts an onion .", "a woman is slicing an onion .", 4.2),
+            ("a woman cuts bread .", "a cat sleeps .", 0.8),
+            ("a girl sings .", "a man eats .", 2.5)]
+    (folder / "sts-train.csv").write_text("".join(f"g\tMSRvid\t2012\t{i:04d}\t{s}\t{a}\t{b}\n"
+                                                  for i, (a, b, s) in enumerate(rows)))
+    out = tmp_path / "sts.jsonl"
+    subprocess.run([sys.executable, str(root / "data" / "make_pairs.py"), "sts", "--sts-dir", str(tmp_path / "sts"),
+                    "--output", str(out)], check=True, capture_output=True)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    # own low-score partner first, then the partner of the low-score look-alike ("a woman cuts bread .")
+    assert got == [{"anchor": rows[0][0], "positive": rows[0][1], "negatives": ["a dog runs .", "a cat sleeps ."]},
+                   {"anchor": rows[2][0], "positive": rows[2][1], "negatives": ["a cat sleeps ."]}]
+    (tmp_path / "nli.csv").write_text('sent0,sent1,hard_neg\n"p, one",h1,c1\np2,h2,c2\n')
+    subprocess.run([sys.executable, str(root / "data" / "make_pairs.py"), "nli", "--input", str(tmp_path / "nli.csv"),
+                    "--output", str(tmp_path / "nli.jsonl")], check=True, capture_output=True)
+    assert json.loads((tmp_path / "nli.jsonl").read_text().splitlines()[0]) == {
+        "anchor": "p, one", "positive": "h1", "negatives": ["c1"]}
