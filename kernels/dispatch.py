@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .chunked import chunked_lse
-from .family import check_family, check_tensors
+from .family import check_exclude, check_family, check_tensors
 from .reference import dense_lse
 
 # The one list of backend names (trainer's LossConfig.kernel Literal must list the same; a test checks it).
@@ -54,21 +54,29 @@ def _resolve_backend(backend: str, anchors: Tensor) -> str:
 def sim_softmax_lse(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.05,
                     weight_gamma: float = 0.0, tau_min: Optional[float] = None, tau_max: Optional[float] = None,
                     tau_gamma: float = 1.0, positive_index: Optional[Tensor] = None,
-                    neg_log_scale: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                    neg_log_scale: Optional[Tensor] = None, backend: str = "auto",
+                    exclude: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """Per-row ``lse_i = log sum_j w_ij exp(s_ij / tau_ij)`` (N,), differentiable in both inputs.
 
     See ``kernels/__init__.py`` for the math. ``backend``: "auto" (Triton on CUDA when importable, else
     "chunked"), "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1), "chunked", "reference". lse is
     float32 (float64 for float64 inputs on the torch backends); input gradients have the input dtype.
+
+    ``exclude=(row_keys, col_keys)`` (integer tensors (N, R) or (N,), and (M,)) leaves column j out of row
+    i's sum (w_ij = 0) when ``col_keys[j]`` is one of ``row_keys[i]`` and j is not the row's positive. The
+    Triton kernels do not take keys yet: with ``exclude`` the "triton" backend runs the chunked path.
     """
     resolved = _resolve_backend(backend, anchors)
     family = check_family(temperature=temperature, weight_gamma=weight_gamma, tau_min=tau_min,
                           tau_max=tau_max, tau_gamma=tau_gamma)
+    if exclude is not None and resolved == "triton":
+        resolved = "chunked"
     positive_index, neg_log_scale = check_tensors(anchors, candidates, positive_index, neg_log_scale,
                                                   default_index=resolved != "triton")
+    keys = check_exclude(exclude, anchors.shape[0], candidates.shape[0], anchors.device)
     if resolved == "triton":
         return triton_lse(anchors, candidates, family, positive_index, neg_log_scale)
     if resolved == "reference":
         return dense_lse(anchors, candidates, family, positive_index, neg_log_scale,
-                         torch.promote_types(anchors.dtype, torch.float32))
-    return chunked_lse(anchors, candidates, family, positive_index, neg_log_scale)
+                         torch.promote_types(anchors.dtype, torch.float32), keys)
+    return chunked_lse(anchors, candidates, family, positive_index, neg_log_scale, exclude=keys)

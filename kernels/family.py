@@ -111,6 +111,42 @@ def check_tensors(anchors, candidates, positive_index=None, neg_log_scale=None, 
     return positive_index, neg_log_scale
 
 
+class Exclude(NamedTuple):
+    """Columns left out of rows' sums, by key: column j is excluded from row i when ``col_keys_M[j]`` equals one
+    of ``row_keys_NR[i]``, unless j is the row's positive (which always stays). O(N R + M) int64 instead of an
+    N x M mask; the trainer's keys are 64-bit hashes of the input texts (duplicates of a row's own texts)."""
+
+    row_keys_NR: Tensor
+    col_keys_M: Tensor
+
+
+def check_exclude(exclude, n_rows: int, n_cols: int, device: torch.device) -> Optional[Exclude]:
+    """``exclude=(row_keys, col_keys)`` checked and moved to ``device`` as int64 (row keys 2-D); None stays None."""
+    if exclude is None:
+        return None
+    if not isinstance(exclude, tuple) or len(exclude) != 2 or not all(isinstance(k, Tensor) for k in exclude):
+        raise ValueError("exclude must be a (row_keys, col_keys) pair of integer tensors")
+    row_keys, col_keys = exclude
+    if any(k.dtype.is_floating_point or k.dtype == torch.bool for k in exclude):
+        raise ValueError("exclude keys must be integer tensors")
+    if row_keys.dim() == 1:
+        row_keys = row_keys[:, None]
+    if row_keys.dim() != 2 or row_keys.shape[0] != n_rows or col_keys.shape != (n_cols,):
+        raise ValueError(f"exclude keys must have shapes (N, R)=({n_rows}, R) and (M,)=({n_cols},), got "
+                         f"{tuple(exclude[0].shape)} and {tuple(col_keys.shape)}")
+    return Exclude(row_keys.to(device=device, dtype=torch.long), col_keys.to(device=device, dtype=torch.long))
+
+
+def excluded_mask(exclude: Exclude, start: int, num_cols: int) -> Tensor:
+    """N x B bool: True where column start + b is excluded from row i (before sparing the positive)."""
+    cols_1B = exclude.col_keys_M[start:start + num_cols][None, :]
+    row_keys_NR = exclude.row_keys_NR
+    hit_NB = row_keys_NR[:, :1] == cols_1B
+    for r in range(1, row_keys_NR.shape[1]):  # R is tiny (2-3 keys): no N x R x B temporary
+        hit_NB |= row_keys_NR[:, r:r + 1] == cols_1B
+    return hit_NB
+
+
 def positive_mask(positive_index_N: Tensor, start: int, num_cols: int) -> Tensor:
     """N x B bool: True at column p(i) of row i, for the columns [start, start + B)."""
     cols_B = torch.arange(start, start + num_cols, device=positive_index_N.device)
@@ -132,9 +168,9 @@ def negative_inv_tau(sg: Tensor, family: Family) -> Tensor:
 
 
 def log_weight_inv_tau(sim_NB: Tensor, family: Family, positive_index_N: Tensor, start: int = 0,
-                       neg_log_scale_N: Optional[Tensor] = None):
+                       neg_log_scale_N: Optional[Tensor] = None, exclude: Optional[Exclude] = None):
     """(log w, 1/tau) of the similarity tile of columns [start, start + B), positive column fixed to w = 1,
-    tau = temperature, ``neg_log_scale`` added to the negatives' log w.
+    tau = temperature, ``neg_log_scale`` added to the negatives' log w, excluded columns at log w = -inf.
 
     log w is None when every weight is 1 and 1/tau a float when it is constant, so the plain InfoNCE case
     costs no N x B temporary. Both come from the clamped stop-gradient similarity (no autograd history) in
@@ -143,6 +179,14 @@ def log_weight_inv_tau(sim_NB: Tensor, family: Family, positive_index_N: Tensor,
     """
     inv_temp = 1.0 / family.temperature
     has_tau, has_weight = family.tau_min is not None, family.weight_gamma > 0
+    if exclude is not None:
+        # w = 0 exactly (log w = -inf): the term leaves the sum and its gradient, as a zero SoftCSE weight does
+        log_w_NB, inv_tau = log_weight_inv_tau(sim_NB, family, positive_index_N, start, neg_log_scale_N)
+        if log_w_NB is None:
+            log_w_NB = torch.zeros_like(sim_NB)
+        drop_NB = excluded_mask(exclude, start, sim_NB.shape[1])
+        drop_NB &= ~positive_mask(positive_index_N, start, sim_NB.shape[1])
+        return log_w_NB.masked_fill(drop_NB, float("-inf")), inv_tau
     if not (has_tau or has_weight or neg_log_scale_N is not None):
         return None, inv_temp
     is_pos_NB = positive_mask(positive_index_N, start, sim_NB.shape[1])

@@ -98,22 +98,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _shard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", required=True, metavar="FILE_OR_GLOB",
                         help="text (one sentence a line), .gz text or .jsonl file, or a glob; repeatable")
+    parser.add_argument("--format", choices=("text", "pairs"), default="text",
+                        help="text: one sentence a sample; pairs: jsonl lines {anchor, positive, negatives: [...]}")
+    parser.add_argument("--anchor-field", default=None, help="pairs: JSON field of the anchor (default 'anchor')")
+    parser.add_argument("--positive-field", default=None,
+                        help="pairs: JSON field of the positive (default 'positive')")
+    parser.add_argument("--negatives-field", default=None,
+                        help="pairs: JSON field of the hard negatives, a list or one string (default 'negatives')")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for shard-*.tar + manifest.json")
     # None: build_shards' own default (the parser does not import the data package for it).
     parser.add_argument("--shard-size", type=int, default=None, help="samples per shard")
     parser.add_argument("--field", default=None,
                         help="JSON field holding the sentence (default 'text'); giving it reads every input as jsonl")
     parser.add_argument("--workers", type=int, default=1, help="writer processes (output is identical for any)")
-    parser.add_argument("--dedup", action="store_true", help="drop exact duplicate sentences (after stripping)")
+    parser.add_argument("--dedup", action="store_true",
+                        help="drop exact duplicate sentences (pairs: repeated anchor + positive), after stripping")
     parser.add_argument("--min-chars", type=int, default=1, help="drop shorter sentences")
     parser.add_argument("--max-chars", type=int, default=None, help="drop longer sentences")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from trainer.data import build_shards, skip_summary
+    from trainer.data import PairFields, build_shards, skip_summary
 
     given = {"shard_size": args.shard_size, "max_chars": args.max_chars}
+    names = {"anchor": args.anchor_field, "positive": args.positive_field, "negatives": args.negatives_field}
+    pair_fields = None
+    if any(v is not None for v in names.values()):
+        pair_fields = PairFields(**{k: v for k, v in names.items() if v is not None})
     manifest = build_shards(
         args.input,
         args.output,
@@ -122,10 +134,16 @@ def cmd_shard(args: argparse.Namespace) -> int:
         dedup=args.dedup,
         min_chars=args.min_chars,
         progress=not args.no_progress,
+        format=args.format,
+        pair_fields=pair_fields,
         **{k: v for k, v in given.items() if v is not None},
     )
-    print(f"wrote {manifest['num_samples']} sentences in {manifest['num_shards']} shards to {args.output} "
+    what = "pairs" if args.format == "pairs" else "sentences"
+    print(f"wrote {manifest['num_samples']} {what} in {manifest['num_shards']} shards to {args.output} "
           f"({manifest['num_lines']} lines read; skipped: {skip_summary(manifest)})")
+    if args.format == "pairs":
+        print(f"hard negatives: {manifest['num_negatives']} kept ({manifest['pairs_with_negatives']} pairs have "
+              f"some, at most {manifest['max_negatives']} a pair), {manifest['negatives_dropped']} dropped")
     return 0
 
 

@@ -70,6 +70,35 @@ class AugmentConfig:
             raise ConfigError(f"data.augment.max_span must be >= 1, got {self.max_span}")
 
 
+_SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(slots=True)
+class SourceConfig:
+    """One weighted training source of `data.sources`."""
+
+    train: str = ""
+    """Like `data.train`: shard folder, .tar pattern, URLs, or a text / jsonl corpus (sharded on the fly into
+    `<output_dir>/shards/<name>`)."""
+    weight: float = 1.0
+    """Sampling weight: a batch (a row, with `data.source_mixing: sample`) comes from this source with
+    probability weight / sum of weights."""
+    name: str = ""
+    """Name in metrics (`data/samples/<name>`), checkpoints and shard folders; default: the file or folder
+    name of `train` without extensions."""
+
+    def __post_init__(self) -> None:
+        if not self.train.strip():
+            raise ConfigError("data.sources: every source needs a train path")
+        if not (self.weight > 0 and self.weight < float("inf")):
+            raise ConfigError(f"data.sources: weight must be a positive number, got {self.weight}")
+        if not self.name:
+            stem = Path(self.train.rstrip("/").split("::")[0]).name.split(".")[0]
+            self.name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_.-") or "source"
+        if not _SOURCE_NAME_RE.match(self.name):
+            raise ConfigError(f"data.sources: name {self.name!r} must be letters, digits, _ . - (a metric name)")
+
+
 @dataclass(slots=True)
 class DataConfig:
     train: str = ""
@@ -98,6 +127,20 @@ class DataConfig:
     """Shard check against manifest.json: `size` (free) catches truncation; `sha256` also catches bytes changed
     in place, hashing each shard once per process (cached by path, size and mtime; costs one extra read of
     the data, see benchmarks/README_data.md)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several weighted sources instead of `train`: a list of `{train, weight, name}`; each source runs its own
+    epochs, endlessly, and the mixture is resumed exactly."""
+    source_mixing: Literal["batch", "sample"] = "batch"
+    """With `sources`: `batch` draws each batch from one source (the same on every rank); `sample` draws each
+    row's source (all sources then need the same format)."""
+    format: Literal["auto", "text", "pairs"] = "auto"
+    """`text`: one sentence a sample (unsupervised, two dropout views); `pairs`: (anchor, positive, hard
+    negatives) samples. `auto`: a shard manifest says which; a jsonl corpus whose first line has `anchor` and
+    `positive` is pairs; anything else is text."""
+    hard_negatives: Optional[int] = None
+    """Pair data: hard negatives per pair in every batch (K). A pair with more keeps K drawn at random each
+    epoch; a missing one is an empty slot left out of every row's loss. None: the most any pair has (from
+    the shard manifests)."""
 
     def __post_init__(self) -> None:
         if self.verify not in ("size", "sha256"):
@@ -108,6 +151,13 @@ class DataConfig:
             raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
         if self.shard_size < 1:
             raise ConfigError(f"data.shard_size must be >= 1, got {self.shard_size}")
+        if self.sources and self.train:
+            raise ConfigError("set data.train or data.sources, not both")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: names must be unique, got {names} (set name: for each)")
+        if self.hard_negatives is not None and self.hard_negatives < 0:
+            raise ConfigError(f"data.hard_negatives must be >= 0, got {self.hard_negatives}")
 
 
 @dataclass(slots=True)
@@ -139,6 +189,10 @@ class LossConfig:
     queue_size: int = 0
     """Hippocampus queue (IFTCL): number of past candidate embeddings (all ranks' identical twins, detached)
     reused as extra negatives, FIFO, saved in checkpoints; also usable with infonce/softcse (0 = off)."""
+    mask_duplicates: bool = True
+    """Pair data: a candidate whose text equals the anchor's or its positive's (other than the positive
+    itself) is no negative and is left out of the loss (by 64-bit text hashes); counted in
+    `train/masked_duplicates`."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -315,6 +369,9 @@ class TrainConfig:
             raise ConfigError("log_every must be >= 1 and checkpoint_every >= 0")
         if self.checkpoint_keep < 1:
             raise ConfigError(f"checkpoint_keep must be >= 1 (resume needs the last checkpoint), got {self.checkpoint_keep}")
+        if self.data.format == "pairs" and self.loss.name == "iftcl":
+            raise ConfigError("loss.name=iftcl trains on sentences (identical and fraternal twins), not pairs: "
+                              "use infonce or softcse with data.format=pairs")
 
     def global_batch_size(self, world_size: int) -> int:
         """Sentences per micro-batch over all processes (the candidates each anchor is scored against)."""

@@ -5,6 +5,8 @@ One step of unsupervised SimCSE: each local sentence is encoded twice in one for
 view-2 embeddings of every rank are gathered with gradient (`distributed.gather_with_grad`), and the loss
 scores local anchors against all candidates with the positive at `rank * B_local + i`. IFTCL adds a third,
 token-augmented (fraternal) view and a queue of past candidates, which the loop fills after each backward.
+Pair data (anchor, positive, hard negatives) takes `trainer.pair_step.pair_step_loss` instead, batch by batch
+(a `data.sources` mixture may alternate text and pair batches).
 
 The Accelerator, optimizer and schedule come from `trainer.runtime`; checkpoints, their layout and the kept
 best model from `trainer.checkpoint`; the output folder's lock, named write failures and the metrics rewind
@@ -17,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -193,7 +195,7 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock, progress: boo
     """Accelerator, output folder and its lock, model, objective, data stream, `prepare`, resume, tracking."""
     from accelerate.utils import set_seed
 
-    from trainer.data import TrainStream, make_fraternal, prepare_train_source
+    from trainer.data import make_fraternal, make_train_stream
     from trainer.export import check_target
     from trainer.losses import build_objective
     from trainer.model import build_encoder
@@ -221,12 +223,11 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock, progress: boo
     set_seed(cfg.seed)
     model = build_encoder(cfg.model)
     objective = build_objective(cfg.loss)
-    # A text corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
-    train_source = prepare_train_source(cfg.data, output_dir, progress=main and progress)
+    # A corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
     fast = resolve_fast_tokenizer(cfg.data.fast_tokenizer, model, batch_size=cfg.data.batch_size,
                                   num_workers=cfg.data.num_workers, device=accelerator.device)
-    stream = TrainStream(
-        replace(cfg.data, train=train_source, fast_tokenizer=fast),
+    stream = make_train_stream(
+        replace(cfg.data, fast_tokenizer=fast),
         model.tokenizer,
         max_length=cfg.model.max_length,
         seed=cfg.seed,
@@ -234,6 +235,7 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock, progress: boo
         world_size=accelerator.num_processes,
         work_dir=output_dir,
         fraternal=make_fraternal(cfg.data.augment) if objective.needs_fraternal else None,
+        progress=main and progress,
     )
     if cfg.optim.epochs:
         cfg = _steps_from_epochs(cfg, stream, main)
@@ -279,6 +281,8 @@ def _train_steps(
     """Optimizer steps up to `optim.max_steps`, with logging, periodic evaluation and checkpoints."""
     from trainer.progress import StepProgress
 
+    from trainer.data import data_metrics
+
     cfg, state = run.cfg, run.state
     batches = _batches(run.stream, run.accelerator.device)
     window = _Window()
@@ -295,7 +299,7 @@ def _train_steps(
             bar.update(state.step, loss)
             if cfg.log_due(state.step):
                 lr = run.prep.scheduler.get_last_lr()[0]
-                run.metrics.record({**window.flush(lr), **_loss_logs(out)}, state.step)
+                run.metrics.record({**window.flush(lr), **_loss_logs(out), **data_metrics(run.stream)}, state.step)
             if on_step is not None:
                 on_step(state.step, loss)
             if cfg.eval.due(state.step):
@@ -310,18 +314,21 @@ def _train_steps(
 def _optimizer_step(run: _Run, batches: Iterator[dict], window: _Window) -> dict:
     """`optim.grad_accum` micro-batches, one optimizer and scheduler step; returns the last micro-batch's
     loss dict."""
+    from trainer.pair_step import is_pair_batch, pair_step_loss
+
     acc, prep, optim = run.accelerator, run.prep, run.cfg.optim
     for _ in range(optim.grad_accum):
         batch = next(batches)
+        step_loss = pair_step_loss if is_pair_batch(batch) else _step_loss
         with acc.accumulate(prep.model):
-            out, candidates = _step_loss(prep.model, batch, run.objective, acc.process_index)
+            out, *candidates = step_loss(prep.model, batch, run.objective, acc.process_index)
             acc.backward(out["loss"])
             if acc.sync_gradients and optim.max_grad_norm > 0:
                 acc.clip_grad_norm_(prep.model.parameters(), optim.max_grad_norm)
             prep.optimizer.step()
             prep.optimizer.zero_grad(set_to_none=True)
         # Only now: enqueue overwrites queue rows in place, and a loss may keep a view of them for its backward.
-        run.objective.enqueue(candidates)
+        run.objective.enqueue(*candidates)  # pair steps also hand over the candidates' text keys
         window.add(out["loss"])
     window.sentences += run.cfg.sentences_per_step(acc.num_processes)
     prep.scheduler.step()

@@ -10,6 +10,10 @@ Crash safety: the old manifest is removed first, each shard is written to a hidd
 `os.replace`d, the manifest is written last (atomically), and stale shards of an earlier, larger build are
 deleted only after it. A folder without manifest.json is an incomplete build; re-running fixes it.
 
+With `format="pairs"` the inputs are jsonl pairs (trainer.data.pairs: anchor, positive, optional hard
+negatives), cleaned by `PairCleaner`, deduplicated by (anchor, positive) and written as pair samples; the
+manifest says `"format": "pairs"` and counts the negatives.
+
 `prepare_train_source` is the training side: when `data.train` names a text corpus it shards it once into
 `<work_dir>/shards` (reused while the inputs and options are unchanged) and returns that folder for the
 stream, so the stream itself only ever reads shards.
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator, Optional, Sequence
 
 from trainer.config import DataConfig
+from trainer.data.pairs import PAIRS_FORMAT, PairCleaner, PairFields, pair_stats, pair_tar_bytes, sniff_pairs
 from trainer.data.shard_format import FORMAT_VERSION, MANIFEST, SHARD_NAME, read_manifest, sample_key, tar_bytes
 from trainer.data.sources import expand_inputs, parse_source, work_dir_lock
 from trainer.errors import UserError
@@ -43,6 +48,7 @@ __all__ = [
     "expand_inputs",
     "skip_summary",
     "manifest_matches",
+    "prepare_source",
     "prepare_train_source",
 ]
 
@@ -208,6 +214,19 @@ def _write_shard(output_dir: str, shard_index: int, first_index: int, texts: lis
     return {"name": name, "num_samples": len(texts), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _write_pair_shard(output_dir: str, shard_index: int, first_index: int, pairs: list) -> dict:
+    """`_write_shard` for a shard of pairs (same temp name, fsync and rename)."""
+    name = SHARD_NAME.format(shard_index)
+    data = pair_tar_bytes(first_index, pairs)
+    tmp = os.path.join(output_dir, f".{name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(output_dir, name))
+    return {"name": name, "num_samples": len(pairs), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def manifest_matches(folder: str | Path, inputs: Sequence[str | Path], **options: Any) -> bool:
     """True when `folder` holds a complete build of exactly these input files (same paths, sizes and mtimes)
     with these `build_shards` options (shard_size, field, dedup, min_chars, max_chars)."""
@@ -230,8 +249,8 @@ class _ShardWriter:
     """Cuts kept sentences into shards of `shard_size` and writes them, in this process or in `workers` writer
     processes; manifest entries come back in shard order."""
 
-    def __init__(self, output_dir: Path, shard_size: int, workers: int):
-        self.output_dir, self.shard_size, self.workers = output_dir, shard_size, workers
+    def __init__(self, output_dir: Path, shard_size: int, workers: int, pairs: bool = False):
+        self.output_dir, self.shard_size, self.workers, self.pairs = output_dir, shard_size, workers, pairs
         self.pool: Optional[ProcessPoolExecutor] = None
         if workers > 1:
             # fork: the writer is pure Python I/O, and spawn cannot re-import a __main__ read from stdin/notebooks.
@@ -254,11 +273,12 @@ class _ShardWriter:
 
     def _flush(self, texts: list[str]) -> None:
         args = (str(self.output_dir), len(self.entries) + len(self.pending), self.num_samples, texts)
+        write = _write_pair_shard if self.pairs else _write_shard
         self.num_samples += len(texts)
         if self.pool is None:
-            self.entries.append(_write_shard(*args))
+            self.entries.append(write(*args))
             return
-        self.pending.append(self.pool.submit(_write_shard, *args))
+        self.pending.append(self.pool.submit(write, *args))
         while len(self.pending) > 2 * self.workers:  # bound memory: at most 2 queued shards per worker
             self.entries.append(self.pending.popleft().result())
 
@@ -287,12 +307,18 @@ class _ShardWriter:
 
 
 def _read_inputs(files: list[Path], writer: _ShardWriter, bar: Any, *, field: Optional[str], dedup: bool,
-                 min_chars: int, max_chars: int) -> list[_Cleaner]:
-    """Feed the kept lines of every input, in order, to `writer`; the cleaners (one per file) hold the counts."""
-    cleaners: list[_Cleaner] = []
+                 min_chars: int, max_chars: int, pair_fields: Optional[PairFields] = None) -> list:
+    """Feed the kept lines of every input, in order, to `writer`; the cleaners (one per file) hold the counts.
+    With `pair_fields` every input is jsonl pairs."""
+    cleaners: list = []
     for path in files:
-        cleaner = _Cleaner(path, jsonl=field is not None or _is_jsonl(path), field=field or "text", dedup=dedup,
-                           min_chars=min_chars, max_chars=max_chars)
+        cleaner: Any
+        if pair_fields is not None:
+            cleaner = PairCleaner(fields=pair_fields, dedup=dedup, min_chars=min_chars, max_chars=max_chars,
+                                  skip_reasons=SKIP_REASONS)
+        else:
+            cleaner = _Cleaner(path, jsonl=field is not None or _is_jsonl(path), field=field or "text", dedup=dedup,
+                               min_chars=min_chars, max_chars=max_chars)
         if cleaners:
             cleaner.seen = cleaners[-1].seen  # dedup spans all inputs
         cleaners.append(cleaner)
@@ -305,7 +331,7 @@ def _read_inputs(files: list[Path], writer: _ShardWriter, bar: Any, *, field: Op
     return cleaners
 
 
-def _manifest(files: list[Path], cleaners: list[_Cleaner], entries: list[dict], num_samples: int,
+def _manifest(files: list[Path], cleaners: list, entries: list[dict], num_samples: int,
               options: dict, records: list[dict]) -> dict:
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     first: dict[str, str] = {}
@@ -315,17 +341,19 @@ def _manifest(files: list[Path], cleaners: list[_Cleaner], entries: list[dict], 
         for reason, where in cleaner.first.items():
             first.setdefault(reason, where)
     num_lines = sum(c.lines for c in cleaners)
+    pairs = options.get("format") == PAIRS_FORMAT
     if num_samples == 0:
-        raise UserError(f"no valid sentences in {len(files)} input file(s) ({num_lines} lines; skipped: "
-                        + skip_summary({"skipped": skipped, "skipped_first": first}) + ")")
+        raise UserError(f"no valid {'pairs' if pairs else 'sentences'} in {len(files)} input file(s) ({num_lines} "
+                        "lines; skipped: " + skip_summary({"skipped": skipped, "skipped_first": first}) + ")")
     return {
-        "format": "webdataset",
+        "format": PAIRS_FORMAT if pairs else "webdataset",
         "version": FORMAT_VERSION,
         "num_samples": num_samples,
         "num_shards": len(entries),
         "num_lines": num_lines,
         "skipped": skipped,
         "skipped_first": first,
+        **(pair_stats(cleaners) if pairs else {}),
         "options": options,
         "inputs": records,
         "shards": entries,
@@ -351,6 +379,8 @@ def build_shards(
     min_chars: int = 1,
     max_chars: int = DEFAULT_MAX_CHARS,
     progress: bool = True,
+    format: str = "text",
+    pair_fields: Optional[PairFields] = None,
 ) -> dict:
     """Write webdataset shards + manifest.json for a text / .gz / jsonl corpus; return the manifest.
 
@@ -358,7 +388,16 @@ def build_shards(
     `field` is given) are JSON lines whose `field` (default "text") is the sentence. `workers` > 1 adds that
     many writer processes (the reading and cutting stays in this process, so output does not depend on it).
     Lengths are in characters after stripping whitespace; `dedup` drops exact repeats across all inputs.
+    `format="pairs"`: every input is jsonl pairs (`pair_fields` names the fields; trainer.data.pairs), `dedup`
+    drops repeated (anchor, positive) pairs.
     """
+    if format not in ("text", PAIRS_FORMAT):
+        raise UserError(f"shard format must be text or pairs, got {format!r}")
+    if format == PAIRS_FORMAT and field is not None:
+        raise UserError("--field names the sentence of text data; pair fields are --anchor-field, "
+                        "--positive-field and --negatives-field")
+    if format != PAIRS_FORMAT and pair_fields is not None:
+        raise UserError("pair field names apply to --format pairs only")
     if shard_size < 1:
         raise UserError(f"shard size must be >= 1, got {shard_size}")
     if workers < 1:
@@ -371,13 +410,18 @@ def build_shards(
     output_dir = Path(output_dir)
     _prepare_output(output_dir)
     records = [_input_record(p) for p in files]
-    options = {"shard_size": shard_size, "field": field, "dedup": dedup, "min_chars": min_chars, "max_chars": max_chars}
+    options: dict[str, Any] = {"shard_size": shard_size, "field": field, "dedup": dedup, "min_chars": min_chars,
+                               "max_chars": max_chars}
+    if format == PAIRS_FORMAT:
+        pair_fields = pair_fields or PairFields()
+        options.update(format=format, fields=[pair_fields.anchor, pair_fields.positive, pair_fields.negatives])
 
-    writer = _ShardWriter(output_dir, shard_size, workers)
+    writer = _ShardWriter(output_dir, shard_size, workers, pairs=format == PAIRS_FORMAT)
     bar = tqdm(total=sum(r["bytes"] for r in records), unit="B", unit_scale=True, desc="shard",
                dynamic_ncols=True, **bar_switch(progress))
     try:
-        cleaners = _read_inputs(files, writer, bar, field=field, dedup=dedup, min_chars=min_chars, max_chars=max_chars)
+        cleaners = _read_inputs(files, writer, bar, field=field, dedup=dedup, min_chars=min_chars, max_chars=max_chars,
+                                pair_fields=pair_fields if format == PAIRS_FORMAT else None)
         entries = writer.finish()
     except BaseException:
         writer.abort()
@@ -406,24 +450,38 @@ def prepare_train_source(data_cfg: DataConfig, work_dir: str | Path, *, progress
     The build is reused while the input files (paths, sizes, mtimes) and `data_cfg.shard_size` are unchanged.
     Ranks sharing `work_dir` serialise on a lock, so one builds and the others reuse its shards. Call it before
     building the `TrainStream`, which only reads shards."""
-    source = parse_source(data_cfg.train)
+    return prepare_source(data_cfg.train, Path(work_dir) / "shards", work_dir, shard_size=data_cfg.shard_size,
+                          format=data_cfg.format, progress=progress)
+
+
+def prepare_source(spec: str, out: str | Path, work_dir: str | Path, *, shard_size: int, format: str = "auto",
+                   progress: bool = False) -> str:
+    """`prepare_train_source` for one spec: a corpus is sharded into `out` (reused while unchanged), anything
+    else returned as is. A jsonl corpus is sharded as pairs with `format="pairs"`, or with `format="auto"`
+    when its first line is a pair (`sniff_pairs`); pair fields are the default names."""
+    source = parse_source(spec)
     if source.kind != "corpus":
-        return data_cfg.train
-    work_dir = Path(work_dir)
-    out = work_dir / "shards"
-    options: dict[str, Any] = dict(shard_size=data_cfg.shard_size, field=None, dedup=False, min_chars=1,
-                                   max_chars=DEFAULT_MAX_CHARS)
+        return spec
+    work_dir, out = Path(work_dir), Path(out)
     inputs = [Path(p) for p in source.items]
+    options: dict[str, Any] = dict(shard_size=shard_size, field=None, dedup=False, min_chars=1,
+                                   max_chars=DEFAULT_MAX_CHARS)
+    build_options: dict[str, Any] = {}
+    if format == PAIRS_FORMAT or (format == "auto" and sniff_pairs(inputs[0])):
+        fields = PairFields()
+        options.update(format=PAIRS_FORMAT, fields=[fields.anchor, fields.positive, fields.negatives])
+        build_options = dict(format=PAIRS_FORMAT, pair_fields=fields)
+    base = {k: v for k, v in options.items() if k not in ("format", "fields")}
     with work_dir_lock(work_dir):
         if manifest_matches(out, inputs, **options):
             manifest = read_manifest(out)
             what = f"reusing shards in {out} (inputs unchanged)"
         else:
             log.info("sharding %s into %s", ", ".join(map(str, inputs)), out)
-            manifest = build_shards(inputs, out, progress=progress, **options)
+            manifest = build_shards(inputs, out, progress=progress, **base, **build_options)
             what = f"sharded into {out}"
     # Skipped lines are counted in the manifest; say so where the user looks, with where the first ones are.
     level = logging.WARNING if any(manifest["skipped"].values()) else logging.INFO
-    log.log(level, "%s: %d sentences from %d lines; skipped: %s", what, manifest["num_samples"],
-            manifest["num_lines"], skip_summary(manifest))
+    log.log(level, "%s: %d %s from %d lines; skipped: %s", what, manifest["num_samples"],
+            "pairs" if build_options else "sentences", manifest["num_lines"], skip_summary(manifest))
     return str(out)

@@ -95,6 +95,20 @@ def tar_bytes(samples: Iterable[tuple[str, str]]) -> bytes:
     return b"".join(parts)
 
 
+def tar_archive(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """A complete tar archive of (member name, data) in order, with `tar_bytes`' deterministic headers (pair
+    shards: `<key>.anchor.txt`, `<key>.positive.txt`, `<key>.negatives.json` per sample)."""
+    parts: list[bytes] = []
+    total = 0
+    for name, data in members:
+        pad = -len(data) % _BLOCK
+        parts += (_member_header(name.encode("ascii"), len(data)), data, b"\0" * pad)
+        total += _BLOCK + len(data) + pad
+    total += 2 * _BLOCK
+    parts.append(b"\0" * (2 * _BLOCK + (-total % _RECORD)))
+    return b"".join(parts)
+
+
 def sample_key(index: int) -> str:
     """Key of the sample with global index `index` in a build."""
     return f"{index:010d}"
@@ -249,6 +263,23 @@ def iter_tar_samples(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes
 def is_url(item: str) -> bool:
     """A webdataset URL (`pipe:`, http(s), ...), as opposed to a local path (`file:` URLs are local paths)."""
     return bool(_SCHEME_RE.match(item)) and not item.startswith("file:")
+def iter_tar_records(stream: IO[bytes], shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of every sample (consecutive members sharing a key), whatever its members:
+    the reader of pair shards, whose samples have no `txt` member."""
+    key: Optional[str] = None
+    record: dict[str, bytes] = {}
+    for name, data in _tar_members(stream, shard):
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        if dot <= slash or (name.startswith("__", slash) and _META_RE.match(name[slash:])):
+            continue
+        if name[:dot] != key:
+            if record:
+                yield key, record  # type: ignore[misc]
+            key, record = name[:dot], {}
+        record[name[dot + 1 :].lower()] = data
+    if record:
+        yield key, record  # type: ignore[misc]
 
 
 def open_shard(url: str) -> IO[bytes]:

@@ -197,6 +197,14 @@ class TrainStream:
 
     # -- reading -----------------------------------------------------------------------------------------
 
+    def _tar_samples(self, stream: Any, shard: str) -> Iterator[tuple[str, Any]]:
+        """(key, raw sample) of a shard; a subclass reads another sample layout (trainer.data.pair_stream)."""
+        return iter_tar_samples(stream, shard)
+
+    def _decode(self, key: str, raw: Any, shard: str) -> Any:
+        """A raw sample (from `_tar_samples`) as the payload `_encode_chunk` takes: here the sentence."""
+        return raw.decode("utf-8", "replace").strip()
+
     def _read(self, shard: Shard, lo: int, hi: int) -> Iterator[tuple[str, str]]:
         """Samples [lo, hi) of `shard`. A range that ends with the shard reads on to the end of the archive
         before yielding its last sample, so a shard holding more samples than listed is an error, not a
@@ -213,7 +221,7 @@ class TrainStream:
         seen = 0
         last: Optional[tuple[str, str]] = None
         try:
-            for key, data in iter_tar_samples(stream, shard.name):
+            for key, data in self._tar_samples(stream, shard.name):
                 if seen >= hi:
                     raise ShardError(shard.name, f"holds more than the {shard.num_samples} samples "
                                                  f"{shard.origin} lists (changed, or a wrong count)")
@@ -221,7 +229,7 @@ class TrainStream:
                     yield last
                     last = None
                 if seen >= lo:
-                    last = key, data.decode("utf-8", "replace").strip()
+                    last = key, self._decode(key, data, shard.name)
                 seen += 1
                 if seen >= hi and not to_end:
                     break

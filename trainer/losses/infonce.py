@@ -71,7 +71,7 @@ def contrastive_terms(anchors: Tensor, candidates: Tensor, columns: Tensor, posi
 
 def infonce_loss(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.05,
                  positive_index: Optional[Tensor] = None, queue: Optional[Tensor] = None,
-                 kernel: str = "auto") -> dict[str, Tensor]:
+                 kernel: str = "auto", exclude: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:
     """InfoNCE / NT-Xent as in SimCSE (Gao et al., "SimCSE: Simple Contrastive Learning of Sentence
     Embeddings", EMNLP 2021), mean over the N anchor rows::
 
@@ -80,6 +80,8 @@ def infonce_loss(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.
     ``s_ij = <a_i, c_j>`` for L2-normalised ``anchors`` (N x D) and ``candidates`` (M x D); ``p(i) =
     positive_index[i]`` (default ``arange(N)``). ``queue`` (K x D, optional) adds K negative columns after
     the candidates, without gradient. ``kernel`` picks the ``kernels.sim_softmax_lse`` backend.
+    ``exclude=(row_keys, col_keys)`` leaves columns out of rows' sums by key (``kernels.sim_softmax_lse``;
+    ``col_keys`` covers the candidates, then the queue): the trainer's duplicate-aware negatives.
 
     Returns ``{"loss": scalar with grad, "pos_sim": mean s_ip (detached)}``; float32 (float64 for float64
     inputs) whatever the input precision.
@@ -87,4 +89,4 @@ def infonce_loss(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.
     positive_index, temperature = check_common(anchors, candidates, positive_index, temperature=temperature,
                                                kernel=kernel)
     return contrastive_terms(anchors, candidates, append_queue(candidates, queue), positive_index,
-                             temperature=temperature, kernel=kernel)
+                             temperature=temperature, kernel=kernel, exclude=exclude)

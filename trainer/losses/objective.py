@@ -3,12 +3,15 @@
 The objective is distribution-agnostic: the engine passes local anchors and candidates already gathered
 from every rank (with gradient), then, once backward is done, hands the same gathered candidates (detached)
 to `enqueue`, so every rank holds the same queue. The loss dict carries only the loss and its logs.
+Duplicate-aware negatives (pair data): `exclude=(row_keys, col_keys)` keys the candidates' texts; the queue
+keeps the keys of what it holds, so its columns are keyed too (see `kernels.sim_softmax_lse`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from trainer.losses.iftcl import iftcl_loss
@@ -29,7 +32,8 @@ class ContrastiveObjective:
     """
 
     def __init__(self, name: str, *, temperature: float = 0.05, kernel: str = "auto", queue_size: int = 0,
-                 softcse: Optional[dict[str, Any]] = None, iftcl: Optional[dict[str, Any]] = None) -> None:
+                 softcse: Optional[dict[str, Any]] = None, iftcl: Optional[dict[str, Any]] = None,
+                 mask_duplicates: bool = True) -> None:
         if name not in LOSS_NAMES:
             raise ValueError(f"loss name must be one of {', '.join(LOSS_NAMES)}, got {name!r}")
         self.name = name
@@ -38,24 +42,32 @@ class ContrastiveObjective:
         self.softcse = dict(softcse or {})
         self.iftcl = dict(iftcl or {})
         self.queue = HippocampusQueue(queue_size)
+        self.mask_duplicates = mask_duplicates
+        """Whether the pair step leaves candidates that repeat an anchor's texts out of its negatives."""
 
     @property
     def needs_fraternal(self) -> bool:
         return self.name == "iftcl"
 
     def __call__(self, anchors: Tensor, candidates: Tensor, *, positive_index: Optional[Tensor] = None,
-                 fraternal: Optional[Tensor] = None) -> dict[str, Tensor]:
+                 fraternal: Optional[Tensor] = None,
+                 exclude: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:
+        """``exclude=(row_keys (N, R), col_keys (M,))``: keys of the candidates; queue keys are appended here."""
         if self.needs_fraternal and fraternal is None:
             raise ValueError("the iftcl objective needs the fraternal-view embeddings (fraternal=...)")
         if not self.needs_fraternal and fraternal is not None:
             raise ValueError(f"the {self.name} objective takes no fraternal view")
+        if exclude is not None and self.needs_fraternal:
+            raise ValueError("the iftcl objective takes no exclude keys (it trains on sentences, not pairs)")
         queue = self.queue.negatives()
+        if exclude is not None and queue is not None:
+            exclude = (exclude[0], torch.cat([exclude[1], self.queue.keys().to(exclude[1].device)]))
         common = dict(temperature=self.temperature, positive_index=positive_index, queue=queue,
                       kernel=self.kernel)
         if self.name == "infonce":
-            out = infonce_loss(anchors, candidates, **common)
+            out = infonce_loss(anchors, candidates, **common, exclude=exclude)
         elif self.name == "softcse":
-            out = softcse_loss(anchors, candidates, **common, **self.softcse)
+            out = softcse_loss(anchors, candidates, **common, **self.softcse, exclude=exclude)
         else:
             out = iftcl_loss(anchors, candidates, fraternal, **common, **self.iftcl)
         logs = {k: v.detach() for k, v in out.items() if k != "loss"}
@@ -63,12 +75,13 @@ class ContrastiveObjective:
             logs["queue_len"] = anchors.new_tensor(float(len(self.queue)))
         return {"loss": out["loss"], **logs}
 
-    def enqueue(self, candidates: Tensor) -> None:
-        """Push the gathered (all ranks) identical-twin candidates of the last call; no-op without a queue.
+    def enqueue(self, candidates: Tensor, keys: Optional[Tensor] = None) -> None:
+        """Push the gathered (all ranks) identical-twin candidates of the last call, with their text keys when
+        known (pair data); no-op without a queue.
 
         Call it once that call's backward is done, not inside ``__call__``: enqueue overwrites queue rows in
         place, which a loss that keeps a view of the queue for its backward must not see."""
-        self.queue.enqueue(candidates)
+        self.queue.enqueue(candidates, keys)
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "queue": self.queue.state_dict()}
@@ -104,4 +117,4 @@ def build_objective(cfg) -> ContrastiveObjective:
         }
     return ContrastiveObjective(cfg.name, temperature=cfg.temperature, kernel=cfg.kernel,
                                 queue_size=cfg.queue_size, softcse=softcse if cfg.name == "softcse" else None,
-                                iftcl=iftcl)
+                                iftcl=iftcl, mask_duplicates=cfg.mask_duplicates)

@@ -48,25 +48,28 @@ def softcse_family_kwargs(*, temperature: float, mode: str = "weight", gamma: fl
 
 
 def softcse_terms(anchors: Tensor, candidates: Tensor, positive_index: Tensor, queue: Optional[Tensor], *,
-                  temperature: float, kernel: str, family: dict, normalize_weights: bool) -> dict[str, Tensor]:
+                  temperature: float, kernel: str, family: dict, normalize_weights: bool,
+                  exclude: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:
     """Hot path of ``softcse_loss`` on checked inputs (``family`` from ``softcse_family_kwargs``)."""
     columns = append_queue(candidates, queue)
     out: dict[str, Tensor] = {}
     neg_log_scale = None
     if normalize_weights and columns.shape[0] > 1:
         mean_w_N = kernels.mean_negative_weight(anchors.detach(), columns.detach(),
-                                                weight_gamma=family["weight_gamma"], positive_index=positive_index)
+                                                weight_gamma=family["weight_gamma"], positive_index=positive_index,
+                                                exclude=exclude)
         neg_log_scale = -torch.log(mean_w_N.clamp_min(_MIN_MEAN_WEIGHT))
         out["mean_neg_weight"] = mean_w_N.mean()
     terms = contrastive_terms(anchors, candidates, columns, positive_index, temperature=temperature,
-                              kernel=kernel, neg_log_scale=neg_log_scale, **family)
+                              kernel=kernel, neg_log_scale=neg_log_scale, exclude=exclude, **family)
     return {**terms, **out}
 
 
 def softcse_loss(anchors: Tensor, candidates: Tensor, *, mode: str = "weight", temperature: float = 0.05,
                  gamma: float = 1.0, tau_min: Optional[float] = None, tau_max: Optional[float] = None,
                  normalize_weights: bool = False, positive_index: Optional[Tensor] = None,
-                 queue: Optional[Tensor] = None, kernel: str = "auto") -> dict[str, Tensor]:
+                 queue: Optional[Tensor] = None, kernel: str = "auto",
+                 exclude: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:
     """SoftCSE loss (CIKM 2024), mean over the N anchor rows; scale = 1 / tau, ``sg`` = stop-gradient.
 
     ``mode="weight"``: each negative's term is weighted by ``w_ij = ((1 - sg(s_ij)) / 2) ** gamma``,
@@ -89,6 +92,8 @@ def softcse_loss(anchors: Tensor, candidates: Tensor, *, mode: str = "weight", t
     Weights and temperatures are constants for autograd (stop-gradient): the gradient is that of the loss
     with ``w``/``tau_ij`` frozen at their current values. ``queue`` (K x D) adds negative columns without
     gradient; ``positive_index`` defaults to ``arange(N)``; ``kernel`` picks the fused-op backend.
+    ``exclude=(row_keys, col_keys)`` takes columns out of rows' sums and out of the weight normalisation
+    (see ``infonce_loss``).
 
     Returns ``{"loss", "pos_sim"}`` (+ ``"mean_neg_weight"`` when ``normalize_weights``), all but "loss"
     detached.
@@ -98,4 +103,4 @@ def softcse_loss(anchors: Tensor, candidates: Tensor, *, mode: str = "weight", t
     family = softcse_family_kwargs(mode=mode, temperature=temperature, gamma=gamma, tau_min=tau_min,
                                    tau_max=tau_max, normalize_weights=normalize_weights)
     return softcse_terms(anchors, candidates, positive_index, queue, temperature=temperature, kernel=kernel,
-                         family=family, normalize_weights=normalize_weights)
+                         family=family, normalize_weights=normalize_weights, exclude=exclude)
