@@ -180,6 +180,7 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     from accelerate.utils import set_seed
 
     from trainer.data import TrainStream, make_fraternal, prepare_train_source
+    from trainer.frozen import attach_frozen
     from trainer.losses import build_objective
     from trainer.model import build_encoder
     from trainer.tracking import Tracker
@@ -200,6 +201,7 @@ def _setup(cfg: TrainConfig, resume: bool | str) -> _Run:
     set_seed(cfg.seed)
     model = build_encoder(cfg.model)
     objective = build_objective(cfg.loss)
+    attach_frozen(objective, model, cfg.mixed_precision)  # the initial encoder: before prepare and resume
     # A text corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
     train_source = prepare_train_source(cfg.data, output_dir, progress=main)
     stream = TrainStream(
@@ -239,6 +241,7 @@ def _train_steps(run: _Run, result: TrainResult, on_step: Optional[Callable[[int
     bar = tqdm(total=cfg.optim.max_steps, initial=state.step, desc="train", disable=not run.main, dynamic_ncols=True)
     try:
         while state.step < cfg.optim.max_steps:
+            run.objective.log_mechanisms = cfg.log_due(state.step + 1)  # the metrics that cost a pass
             out = _optimizer_step(run, batches, window)
             state.step += 1
             loss = window.step_loss(cfg.optim.grad_accum)
@@ -319,7 +322,10 @@ def _step_loss(model, batch: dict, objective, rank: int) -> tuple[dict, torch.Te
     fraternal = None
     if objective.needs_fraternal:
         fraternal = dist.gather_with_grad(model(**_view(batch, "fraternal_")))
-    out = objective(anchors, candidates, positive_index=positive_index, fraternal=fraternal)
+    from trainer.frozen import step_inputs
+
+    out = objective(anchors, candidates, positive_index=positive_index, fraternal=fraternal,
+                    **step_inputs(objective, batch))
     return out, candidates.detach()
 
 
