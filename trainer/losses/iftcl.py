@@ -84,11 +84,9 @@ def iftcl_loss(anchors: Tensor, identical: Tensor, fraternal: Tensor, *,
     against ITS OWN twin set plus the queue. The other kind of twin is never a negative (the fraternal twin
     of sentence i must not be pushed away from anchor i in the identical term, and vice versa), every term
     keeps the standard single-positive InfoNCE/SoftCSE form (one positive column per row, which the fused
-    kernel computes), and the two positives get equal weight. With ``twins_weight = 0`` and no queue the
-    loss is exactly ``(InfoNCE(a, I) + InfoNCE(a, F)) / 2``.
-
-    ``w_F = fraternal_weight`` (default 1: the mean of the two terms). ``w_F = 0`` keeps the fraternal twin in
-    the Twins term only: with ``twins_weight = 0`` and no queue the loss is then exactly ``InfoNCE(a, I)``.
+    kernel computes), and ``w_F = fraternal_weight`` (default 1: equal weights). With ``twins_weight = 0``
+    and no queue the loss is exactly ``(InfoNCE(a, I) + InfoNCE(a, F)) / 2``; with ``w_F = 0`` too (the
+    fraternal twin in the Twins term only), exactly ``InfoNCE(a, I)``.
 
     The Twins term constrains the margin ``d_i`` (gradient flows through both similarities; with
     ``stop_grad_identical`` through ``s(a_i, F_p(i))`` only: ``d_i = sg(s(a_i, I_p(i))) - s(a_i, F_p(i))``,
@@ -137,23 +135,28 @@ def iftcl_loss(anchors: Tensor, identical: Tensor, fraternal: Tensor, *,
     else:
         contrastive_loss = (identical_term["loss"] + fraternal_weight * term(fraternal)["loss"]) \
             / (1.0 + fraternal_weight)
+    twins, logs = _twins_term(anchors, identical, fraternal, positive_index,
+                              bounds=twins_band(margin_low, margin_high, reference_margin),
+                              stop_grad_identical=stop_grad_identical, twins_mask=twins_mask)
+    return {"loss": contrastive_loss + twins_weight * twins, "contrastive": contrastive_loss.detach(),
+            "twins": twins.detach(), "neg_softmax_mass": identical_term["neg_softmax_mass"], **logs}
+
+
+def _twins_term(anchors: Tensor, identical: Tensor, fraternal: Tensor, positive_index: Tensor, *, bounds,
+                stop_grad_identical: bool, twins_mask: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """(the Twins hinge mean, its detached logs) on checked inputs; ``bounds`` from ``twins_band``."""
     identical_sim_N = positive_similarity(anchors, identical, positive_index)
     fraternal_sim_N = positive_similarity(anchors, fraternal, positive_index)
     margin_N = (identical_sim_N.detach() if stop_grad_identical else identical_sim_N) - fraternal_sim_N
-    hinge_N = twins_hinge(margin_N, *twins_band(margin_low, margin_high, reference_margin))
+    hinge_N = twins_hinge(margin_N, *bounds)
     if twins_mask is None:
         twins = hinge_N.mean()
     else:  # a masked mean without reading the count on the host
         rows_N = twins_mask.to(hinge_N.dtype)
         twins = (hinge_N * rows_N).sum() / rows_N.sum().clamp_min(1.0)
-    loss = contrastive_loss + twins_weight * twins
-    return {
-        "loss": loss,
-        "contrastive": contrastive_loss.detach(),
-        "twins": twins.detach(),
+    return twins, {
         "identical_sim": identical_sim_N.detach().mean(),
         "fraternal_sim": fraternal_sim_N.detach().mean(),
         "margin": margin_N.detach().mean(),
-        "neg_softmax_mass": identical_term["neg_softmax_mass"],
         **twins_logs(margin_N, hinge_N, twins_mask),
     }
