@@ -5,10 +5,13 @@ from __future__ import annotations
 import pickle
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.data import make_fraternal
+from trainer.data.augment import unchanged_views
 from trainer.config import AugmentConfig
 
 SENTENCES = [
@@ -104,3 +107,47 @@ def test_bad_rates_raise():
     bad.deletion_rate = 1.5  # bypasses the config check: the augmenter checks again
     with pytest.raises(ValueError, match="deletion_rate"):
         make_fraternal(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Unchanged fraternal views (issue 14): re-draws, and the token-level check on the batch
+
+CORPUS = Path(__file__).resolve().parent.parent / "data" / "wiki1m_head10k.txt"
+
+
+def unchanged_fraction(aug, sentences, seed=0):
+    rng = random.Random(seed)
+    return sum(aug(s, rng).split() == s.split() for s in sentences) / len(sentences)
+
+
+def test_redraws_zero_is_the_single_draw():
+    aug, redraw = make_fraternal(AugmentConfig()), make_fraternal(AugmentConfig(max_redraws=0))
+    assert run(aug, 5) == run(redraw, 5)
+    single = make_fraternal(AugmentConfig())
+    rng, ref = random.Random(9), random.Random(9)
+    for s in SENTENCES * 10:  # the first draw is the original edit: delete, repeat, swap from one rng
+        words = s.split()
+        assert single(s, rng) == " ".join(single._swap(single._repeat(single._delete(words, ref), ref), ref))
+
+
+def test_redraws_make_unchanged_views_rare_on_wikipedia():
+    sentences = [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()][:3000]
+    before = unchanged_fraction(make_fraternal(AugmentConfig()), sentences)
+    after = unchanged_fraction(make_fraternal(AugmentConfig(max_redraws=3)), sentences)
+    longer = [s for s in sentences if len(s.split()) > 1]
+    after_longer = unchanged_fraction(make_fraternal(AugmentConfig(max_redraws=3)), longer)
+    assert 0.09 < before < 0.15  # 11.8% of these wiki1m lines at the default rates
+    assert after < 0.03 and after_longer < 0.01  # a one-word line can only change by a repetition
+    aug = make_fraternal(AugmentConfig(max_redraws=3))
+    assert run(aug, 7) == run(pickle.loads(pickle.dumps(aug)), 7)  # still deterministic and picklable
+
+
+def test_unchanged_views_compares_tokens_under_each_views_padding():
+    ids = torch.tensor([[101, 7, 8, 102, 0], [101, 7, 8, 9, 102], [101, 5, 102, 0, 0]])
+    fraternal = torch.tensor([[101, 7, 8, 102], [101, 7, 9, 102], [101, 5, 102, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).long(),
+             "fraternal_input_ids": fraternal, "fraternal_attention_mask": (fraternal > 0).long()}
+    assert unchanged_views(batch).tolist() == [True, False, True]
+    longer = torch.tensor([[101, 7, 8, 102, 5, 0], [101, 7, 8, 9, 102, 0], [101, 5, 102, 5, 0, 0]])
+    batch.update(fraternal_input_ids=longer, fraternal_attention_mask=(longer > 0).long())
+    assert unchanged_views(batch).tolist() == [False, True, False]

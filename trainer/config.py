@@ -38,8 +38,13 @@ class ModelConfig:
     """Tokens per sentence after truncation (SimCSE uses 32)."""
     dropout: Optional[float] = None
     """Override the encoder's hidden/attention dropout (the SimCSE views come from dropout); None keeps it."""
+    reinit_layers: int = 0
+    """Re-initialise the top K transformer layers (the backbone's own `_init_weights`, seeded by `seed`) for a
+    starting point with headroom (docs/fidelity.md); 0 keeps the pretrained weights."""
 
     def __post_init__(self) -> None:
+        if self.reinit_layers < 0:
+            raise ConfigError(f"model.reinit_layers must be >= 0, got {self.reinit_layers}")
         if not self.name_or_path.strip():
             raise ConfigError("model.name_or_path must not be empty")
         if self.max_length < 2:
@@ -60,14 +65,17 @@ class AugmentConfig:
     """Probability (per sentence) of swapping two random adjacent-free spans."""
     max_span: int = 3
     """Longest span (in words) moved by a span swap."""
+    max_redraws: int = 0
+    """Re-draw a fraternal view whose words equal the sentence's up to N times (0 = keep it, as before)."""
 
     def __post_init__(self) -> None:
         for name in ("deletion_rate", "repetition_rate", "swap_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"data.augment.{name} must be in [0, 1], got {value}")
-        if self.max_span < 1:
-            raise ConfigError(f"data.augment.max_span must be >= 1, got {self.max_span}")
+        if self.max_span < 1 or self.max_redraws < 0:
+            raise ConfigError(f"data.augment.max_span must be >= 1 and max_redraws >= 0, got {self.max_span}, "
+                              f"{self.max_redraws}")
 
 
 _SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -178,6 +186,11 @@ class LossConfig:
     """SoftCSE temperature mode: temperature of the most similar negatives (None = temperature)."""
     normalize_weights: bool = False
     """SoftCSE weight mode: rescale so the mean negative weight per row is 1."""
+    tau_direction: Literal["soft_hard", "hard_soft"] = "soft_hard"
+    """SoftCSE temperature mode: `soft_hard` gives the most similar negatives tau_max (soft), `hard_soft` tau_min."""
+    weight_source: Literal["self", "frozen"] = "self"
+    """SoftCSE: weights/temperatures from the model's own similarity, or from a frozen copy of the initial
+    encoder (eval mode, one extra no-grad forward per step; softcse without a queue only)."""
     contrastive: Literal["infonce", "softcse"] = "infonce"
     """IFTCL: contrastive term used for both twins."""
     margin_low: float = 0.0
@@ -186,6 +199,15 @@ class LossConfig:
     """IFTCL: upper bound of d."""
     twins_weight: float = 0.1
     """IFTCL: lambda, weight of the Twins hinge term."""
+    fraternal_weight: float = 1.0
+    """IFTCL: w_F, contrastive = (L_identical + w_F L_fraternal) / (1 + w_F); 0 = fraternal twin in Twins only."""
+    twins_reference: Literal["fixed", "initial"] = "fixed"
+    """IFTCL: hinge band [margin_low, margin_high] fixed, or of that width centred on each pair's margin under
+    a frozen copy of the initial encoder (its "innate" margin; one extra no-grad forward per step)."""
+    twins_stop_grad_identical: bool = False
+    """IFTCL: no gradient through s(a, identical) in the Twins term (the hinge then moves the fraternal twin only)."""
+    twins_exclude_unchanged: bool = False
+    """IFTCL: leave rows whose fraternal view has the anchor's tokens out of the Twins term (always logged)."""
     queue_size: int = 0
     """Hippocampus queue (IFTCL): number of past candidate embeddings (all ranks' identical twins, detached)
     reused as extra negatives, FIFO, saved in checkpoints; also usable with infonce/softcse (0 = off)."""
@@ -207,11 +229,16 @@ class LossConfig:
             raise ConfigError(f"loss.gamma must be >= 0, got {self.gamma}")
         if self.margin_low > self.margin_high:
             raise ConfigError("loss.margin_low must be <= loss.margin_high")
-        if self.queue_size < 0 or self.twins_weight < 0:
-            raise ConfigError("loss.queue_size and loss.twins_weight must be >= 0")
+        if self.queue_size < 0 or self.twins_weight < 0 or self.fraternal_weight < 0:
+            raise ConfigError("loss.queue_size, loss.twins_weight and loss.fraternal_weight must be >= 0")
+        if self.weight_source == "frozen" and (self.name != "softcse" or self.queue_size):
+            raise ConfigError("loss.weight_source=frozen applies to loss.name=softcse with loss.queue_size=0")
+        if self.twins_reference == "initial" and self.name != "iftcl":
+            raise ConfigError("loss.twins_reference=initial applies to loss.name=iftcl")
         uses_softcse = self.name == "softcse" or (self.name == "iftcl" and self.contrastive == "softcse")
-        if uses_softcse and self.softcse_mode == "weight" and self.tau_min is not None:
-            raise ConfigError("loss.tau_min/loss.tau_max apply to loss.softcse_mode=temperature only")
+        if uses_softcse and self.softcse_mode == "weight" and (self.tau_min is not None
+                                                               or self.tau_direction != "soft_hard"):
+            raise ConfigError("loss.tau_min/tau_max/tau_direction apply to loss.softcse_mode=temperature only")
         if uses_softcse and self.softcse_mode == "temperature" and self.normalize_weights:
             raise ConfigError("loss.normalize_weights applies to loss.softcse_mode=weight only")
 

@@ -197,6 +197,7 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock, progress: boo
 
     from trainer.data import make_fraternal, make_train_stream
     from trainer.export import check_target
+    from trainer.frozen import attach_frozen
     from trainer.losses import build_objective
     from trainer.model import build_encoder
     from trainer.tokenizer_choice import resolve_fast_tokenizer
@@ -223,6 +224,7 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock, progress: boo
     set_seed(cfg.seed)
     model = build_encoder(cfg.model)
     objective = build_objective(cfg.loss)
+    attach_frozen(objective, model, accelerator.mixed_precision)  # the initial encoder: before prepare and resume
     # A corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
     fast = resolve_fast_tokenizer(cfg.data.fast_tokenizer, model, batch_size=cfg.data.batch_size,
                                   num_workers=cfg.data.num_workers, device=accelerator.device)
@@ -290,6 +292,7 @@ def _train_steps(
     bar = StepProgress(cfg.optim.max_steps, state.step, enabled=run.main and progress, every=cfg.log_every)
     try:
         while state.step < cfg.optim.max_steps:
+            run.objective.log_mechanisms = cfg.log_due(state.step + 1)  # the metrics that cost a pass
             out = _optimizer_step(run, batches, window)
             state.step += 1
             loss = window.step_loss(cfg.optim.grad_accum)
@@ -372,7 +375,10 @@ def _step_loss(model, batch: dict, objective, rank: int) -> tuple[dict, torch.Te
     fraternal = None
     if objective.needs_fraternal:
         fraternal = dist.gather_with_grad(model(**_view(batch, "fraternal_")))
-    out = objective(anchors, candidates, positive_index=positive_index, fraternal=fraternal)
+    from trainer.frozen import step_inputs
+
+    out = objective(anchors, candidates, positive_index=positive_index, fraternal=fraternal,
+                    **step_inputs(objective, batch))
     return out, candidates.detach()
 
 

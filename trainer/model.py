@@ -188,7 +188,11 @@ class SentenceEncoder(nn.Module):
 
 
 def build_encoder(model_cfg) -> SentenceEncoder:
-    """Encoder from a `ModelConfig` (name, pooler, max_length, dropout override)."""
-    return SentenceEncoder.load(
+    """Encoder from a `ModelConfig` (name, pooler, max_length, dropout override, top layers re-initialised)."""
+    from trainer.reinit import reinit_top_layers
+
+    model = SentenceEncoder.load(
         model_cfg.name_or_path, pooler=model_cfg.pooler, max_length=model_cfg.max_length, dropout=model_cfg.dropout
     )
+    reinit_top_layers(model.backbone, model_cfg.reinit_layers)
+    return model

@@ -17,6 +17,8 @@ from torch import Tensor
 from trainer import kernels
 from trainer.kernels.dispatch import check_backend
 from trainer.kernels.family import check_number, check_tensors
+from trainer.losses.guided import guided_lse
+from trainer.losses.metrics import negative_softmax_mass
 
 
 def check_common(anchors: Tensor, candidates: Tensor, positive_index: Optional[Tensor], *, temperature: float,
@@ -59,14 +61,24 @@ def append_queue(candidates: Tensor, queue: Optional[Tensor]) -> Tensor:
 
 
 def contrastive_terms(anchors: Tensor, candidates: Tensor, columns: Tensor, positive_index: Tensor, *,
-                      temperature: float, kernel: str, **family) -> dict[str, Tensor]:
+                      temperature: float, kernel: str, exclude: Optional[tuple[Tensor, Tensor]] = None,
+                      guide: Optional[tuple[Tensor, Tensor]] = None, **family) -> dict[str, Tensor]:
     """Hot path shared by InfoNCE and SoftCSE, on inputs the public function checked: mean_i of
-    ``lse_i - s_ip / tau`` with lse over ``columns`` (candidates + queue) and the ``family`` keywords."""
-    lse_N = kernels.sim_softmax_lse(anchors, columns, temperature=temperature, positive_index=positive_index,
-                                    backend=kernel, **family)
+    ``lse_i - s_ip / tau`` with lse over ``columns`` (candidates + queue) and the ``family`` keywords (read
+    from the ``guide`` embeddings' similarity when given: ``trainer/losses/guided.py``), leaving out the
+    ``exclude`` keys' columns (duplicate-aware negatives of pair data)."""
+    if guide is None:
+        lse_N = kernels.sim_softmax_lse(anchors, columns, temperature=temperature, positive_index=positive_index,
+                                        backend=kernel, exclude=exclude, **family)
+    elif exclude is not None:
+        raise ValueError("a guide (weights from a frozen encoder) and exclude keys cannot be combined yet")
+    else:
+        lse_N = guided_lse(anchors, columns, *guide, temperature=temperature, positive_index=positive_index,
+                           **family)
     pos_sim_N = positive_similarity(anchors, candidates, positive_index)
-    loss = (lse_N.to(pos_sim_N.dtype) - pos_sim_N / temperature).mean()
-    return {"loss": loss, "pos_sim": pos_sim_N.detach().mean()}
+    loss_N = lse_N.to(pos_sim_N.dtype) - pos_sim_N / temperature
+    return {"loss": loss_N.mean(), "pos_sim": pos_sim_N.detach().mean(),
+            "neg_softmax_mass": negative_softmax_mass(loss_N)}
 
 
 def infonce_loss(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.05,
@@ -83,8 +95,9 @@ def infonce_loss(anchors: Tensor, candidates: Tensor, *, temperature: float = 0.
     ``exclude=(row_keys, col_keys)`` leaves columns out of rows' sums by key (``kernels.sim_softmax_lse``;
     ``col_keys`` covers the candidates, then the queue): the trainer's duplicate-aware negatives.
 
-    Returns ``{"loss": scalar with grad, "pos_sim": mean s_ip (detached)}``; float32 (float64 for float64
-    inputs) whatever the input precision.
+    Returns ``{"loss": scalar with grad, "pos_sim": mean s_ip, "neg_softmax_mass"}`` (detached; the mass is
+    defined in ``trainer/losses/metrics.py``); float32 (float64 for float64 inputs) whatever the input
+    precision.
     """
     positive_index, temperature = check_common(anchors, candidates, positive_index, temperature=temperature,
                                                kernel=kernel)
