@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from trainer.distributed import gathered_parameters, whole_model_io
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,8 @@ class Checkpointer:
         # Every rank writes its own RNG state (and ZeRO shards) into tmp; save_state ends without a barrier, so
         # rank 0 must not rename tmp until all of them are done (a slow rank 1 then found its folder gone).
         self.accelerator.wait_for_everyone()
+        self._save_model(model, tmp / "model")
         if self.main:
-            model.save(tmp / "model")
             torch.save(objective.state_dict(), tmp / "objective.pt")
             (tmp / STATE_FILE).write_text(dataclasses.replace(state, data=stream.state_dict()).to_json())
             atomic_replace_dir(tmp, final)
@@ -151,13 +152,20 @@ class Checkpointer:
 
     def save_best(self, step: int, model: Any) -> None:
         """Replace `best/` with `model` (the unwrapped `SentenceEncoder`) of step `step`."""
+        tmp = self.output_dir / ".best.tmp"
         if self.main:
-            tmp = self.output_dir / ".best.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save(tmp)
+        self._save_model(model, tmp)
+        if self.main:
             (tmp / "step.txt").write_text(str(step))
             atomic_replace_dir(tmp, self.output_dir / "best")
         self.accelerator.wait_for_everyone()
+
+    def _save_model(self, model: Any, folder: Path) -> None:
+        """Rank 0 writes `model` (a `SentenceEncoder`) whole; under ZeRO-3 every rank joins the gather."""
+        with gathered_parameters(model), whole_model_io():
+            if self.main:
+                model.save(folder)
 
 
 def _name(step: int) -> str:

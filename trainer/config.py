@@ -37,6 +37,10 @@ class ModelConfig:
     """Tokens per sentence after truncation (SimCSE uses 32)."""
     dropout: Optional[float] = None
     """Override the encoder's hidden/attention dropout (the SimCSE views come from dropout); None keeps it."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing through the HF backbone's own switch (non-reentrant): each layer's activations
+    are recomputed in the backward instead of kept, ~1/3 more compute for a fraction of the activation memory;
+    combines with `optim.mini_batch_size`."""
 
     def __post_init__(self) -> None:
         if not self.name_or_path.strip():
@@ -166,6 +170,12 @@ class OptimConfig:
     """Micro-batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
+    mini_batch_size: int = 0
+    """Cached gradients (GradCache): encode each micro-batch in chunks of this many rows (sequences per encoder
+    forward; a batch has 2 x data.batch_size rows, 3 x for IFTCL), score the FULL batch, then re-encode chunk
+    by chunk with the same dropout masks and backpropagate. The gradient of the whole batch, with memory for
+    one chunk's activations, for one extra forward pass. 0 = off (one forward over the whole micro-batch).
+    Unlike `grad_accum`, it keeps every in-batch negative."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.max_steps < 1 or self.grad_accum < 1:
@@ -174,6 +184,8 @@ class OptimConfig:
             raise ConfigError(f"optim.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("optim.max_grad_norm and optim.weight_decay must be >= 0")
+        if self.mini_batch_size < 0:
+            raise ConfigError(f"optim.mini_batch_size must be >= 0 (0 = off), got {self.mini_batch_size}")
 
 
 @dataclass(slots=True)

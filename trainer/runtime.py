@@ -26,7 +26,7 @@ class Prepared:
     unwrapped: Any
     """The `SentenceEncoder` inside: evaluate and save it."""
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: "LinearSchedule"
     """Stepped by hand once per optimizer step."""
 
 
@@ -68,6 +68,41 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
+class LinearSchedule:
+    """`lr_lambda`'s schedule, written by hand into the PREPARED optimizer's current param groups at every step
+    (LambdaLR's interface: `step`, `get_last_lr`, `last_epoch`, `state_dict`).
+
+    Not a LambdaLR on the torch optimizer: DeepSpeed ZeRO-3 rewrites that optimizer's param_groups at
+    `prepare` (measured on CPU: AdamW's 2 groups became 1), and LambdaLR, which keeps one base LR per group it
+    saw at construction, then fails at its next step. Every group has the same peak LR (they differ in weight
+    decay only), so one factor applied to whatever groups exist now is the schedule under every stage."""
+
+    def __init__(self, optimizer: Any, base_lr: float, fn: Callable[[int], float]) -> None:
+        self.optimizer, self.base_lr, self.fn = optimizer, base_lr, fn
+        self.last_epoch = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        self._last_lr = self.base_lr * self.fn(self.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._last_lr
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [self._last_lr]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Also takes a LambdaLR state dict (checkpoints written before this class): only `last_epoch` counts."""
+        self.last_epoch = int(state["last_epoch"])
+        self._apply()
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on biases and LayerNorm)."""
     decay, no_decay = [], []
@@ -85,11 +120,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 def prepare(accelerator: Any, model: torch.nn.Module, cfg: TrainConfig) -> Prepared:
     """Optimizer and schedule for `model`, DeepSpeed's missing values, then `accelerator.prepare`."""
     optimizer = build_optimizer(model, cfg.optim)
-    # The scheduler is stepped by hand once per optimizer step: Accelerate's prepared scheduler steps
-    # num_processes times per call, which would end the schedule W times too early.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.optim.max_steps))
     # DeepSpeed: micro batch from data.batch_size (no DataLoader is prepared), clipping = optim.max_grad_norm.
     dist.configure_deepspeed(accelerator, micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Stepped by hand once per optimizer step (Accelerate's prepared scheduler steps num_processes times per
+    # call, which would end the schedule W times too early), on the prepared optimizer's groups (ZeRO-3).
+    scheduler = LinearSchedule(optimizer, cfg.optim.lr, lr_lambda(cfg.optim.warmup_steps, cfg.optim.max_steps))
     accelerator.register_for_checkpointing(scheduler)
     return Prepared(model=model, unwrapped=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
