@@ -9,7 +9,7 @@ Layout under `<output_dir>`:
 - `best/` is the model with the best STS-B dev score (`step.txt` says which step), replaced atomically.
 
 Every method is called on every rank: they hold the barriers that keep ranks in step; rank 0 alone writes
-the shared files.
+the shared files (under ZeRO-3 every rank first joins the gather of the partitioned weights it writes).
 """
 
 from __future__ import annotations

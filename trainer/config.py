@@ -38,9 +38,8 @@ class ModelConfig:
     dropout: Optional[float] = None
     """Override the encoder's hidden/attention dropout (the SimCSE views come from dropout); None keeps it."""
     gradient_checkpointing: bool = False
-    """Activation checkpointing through the HF backbone's own switch (non-reentrant): each layer's activations
-    are recomputed in the backward instead of kept, ~1/3 more compute for a fraction of the activation memory;
-    combines with `optim.mini_batch_size`."""
+    """Activation checkpointing (the HF backbone's own switch, non-reentrant): layers recomputed in the
+    backward instead of keeping their activations; combines with `optim.mini_batch_size`."""
 
     def __post_init__(self) -> None:
         if not self.name_or_path.strip():
@@ -171,11 +170,9 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
     mini_batch_size: int = 0
-    """Cached gradients (GradCache): encode each micro-batch in chunks of this many rows (sequences per encoder
-    forward; a batch has 2 x data.batch_size rows, 3 x for IFTCL), score the FULL batch, then re-encode chunk
-    by chunk with the same dropout masks and backpropagate. The gradient of the whole batch, with memory for
-    one chunk's activations, for one extra forward pass. 0 = off (one forward over the whole micro-batch).
-    Unlike `grad_accum`, it keeps every in-batch negative."""
+    """Cached gradients (GradCache): rows per encoder forward (a batch has 2 x data.batch_size rows, 3 x for
+    IFTCL); the whole batch's exact gradient and negatives with one chunk's activation memory, for one extra
+    forward pass (trainer/step.py). 0 = off. Unlike `grad_accum`, it keeps every in-batch negative."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.max_steps < 1 or self.grad_accum < 1:

@@ -9,6 +9,8 @@ every rank's L_r' sends to the owner's embeddings, so rank r ends with g_r = d(s
 d(emb_r)/d(theta); DDP then AVERAGES g_r over ranks: (1/W) sum_r g_r = dL/dtheta. (Summing instead of
 averaging, or gathering without gradient, gives the W-times-too-large or lost gradients of pytorch#58005.)
 DeepSpeed ZeRO 1-3 average gradients over the data-parallel group the same way, so the argument holds there.
+The cached-gradient step (`trainer.step`) takes d loss / d embeddings through the same gather, so it inherits
+the contract.
 
 Equal batches are part of that contract: L = (1/W) sum_r L_r is the mean over all rows only when every rank
 holds B_local rows, and the positive offset `r * B_local` assumes it too. `gather_with_grad` therefore
