@@ -4,7 +4,7 @@ float64, the parameter gradients of ONE process on the concatenated batch (light
 One spawn per world size (2 and 3) runs every case and writes its results; the test functions compare them
 with a single-process reference computed here. Cases: InfoNCE, SoftCSE weight and temperature modes, IFTCL
 (two steps: the second scores against the queue filled from the first; the queue must be identical on every
-rank and equal to the single-process queue), and the engine's own `_step_loss` under DDP. Plus the helpers:
+rank and equal to the single-process queue), and the trainer's own `trainer.step.step_loss` under DDP. Plus the helpers:
 uneven batches raise on every rank, `all_reduce_mean`, `broadcast_object`, `gather_no_grad`.
 """
 
@@ -107,7 +107,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from trainer import engine
+        from trainer.step import step_loss
 
         rows = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
         for case in CASES:
@@ -127,7 +127,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             model, objective = DDP(TokenEncoder()), _objective(case)
             data = _data(world, 0)
             batch = {k: v[rows] for k, v in data.items() if "input_ids" in k or "attention_mask" in k}
-            out, _ = engine._step_loss(model, batch, objective, rank)
+            out, _ = step_loss(model, batch, objective, rank)
             out["loss"].backward()
             result["engine_" + case] = {"loss": out["loss"].item(), "grads": _grads(model.module)}
 
@@ -212,14 +212,14 @@ def test_iftcl_queue_is_identical_on_every_rank_and_equals_single_process(spawne
 
 @pytest.mark.parametrize("case", ENGINE_CASES)
 def test_engine_step_loss_under_ddp_equals_single_process(spawned, case):
-    """The engine's `_step_loss` (views in one forward, positive offset, fraternal gather) under DDP."""
-    from trainer import engine
+    """The trainer's `step_loss` (views in one forward, positive offset, fraternal gather) under DDP."""
+    from trainer.step import step_loss
 
     world, results = spawned
     model, objective = TokenEncoder(), _objective(case)
     data = _data(world, 0)
     batch = {k: v for k, v in data.items() if "input_ids" in k or "attention_mask" in k}
-    out, _ = engine._step_loss(model, batch, objective, 0)
+    out, _ = step_loss(model, batch, objective, 0)
     out["loss"].backward()
     want = _grads(model)
     assert sum(res["engine_" + case]["loss"] for res in results) / world == pytest.approx(out["loss"].item(), rel=1e-12)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from tests.helpers import make_tiny_encoder_dir, write_corpus, write_stsb_dev
-from trainer import engine
 from trainer.checkpoint import STATE_FILE, TrainState, find_last_checkpoint
 from trainer.config import LossConfig, load_config
 from trainer.engine import train
 from trainer.errors import UserError
 from trainer.losses import build_objective
+from trainer.step import step_loss
 
 
 def tiny_config(tmp_path: Path, name: str, *extra: str):
@@ -110,7 +110,7 @@ def test_step_loss_takes_the_rank_and_returns_the_candidates_apart():
     torch.manual_seed(0)
     model, objective = BagOfTokens(), build_objective(LossConfig(name="infonce", queue_size=6, kernel="chunked"))
     batch = {"input_ids": torch.randint(1, 20, (4, 5)), "attention_mask": torch.ones(4, 5, dtype=torch.long)}
-    out, candidates = engine._step_loss(model, batch, objective, 0)
+    out, candidates = step_loss(model, batch, objective, 0)
     assert "_candidates" not in out and "queue_len" in out
     assert all(v.numel() == 1 for v in out.values()), "the loss dict holds the loss and scalar logs only"
     assert candidates.shape == (4, 8) and not candidates.requires_grad

@@ -1,13 +1,15 @@
-"""Real launches on CPU: `accelerate launch` with 2 processes (DDP), DeepSpeed ZeRO-2 through Accelerate, and a
-two-"machine" launch on loopback. Each run's per-step losses equal a single-process run on the same GLOBAL
-batches, and a run killed after a checkpoint continues, with `--resume`, on the uninterrupted losses.
+"""Real launches on CPU: `accelerate launch` with 2 processes (DDP), DeepSpeed ZeRO-2 and ZeRO-3 through
+Accelerate (`cpu_2proc_zero3.yaml`; ZeRO-1/2/3 also with cached gradients, `optim.mini_batch_size`), and a
+two-"machine" launch on loopback. Each run's per-step losses equal a single-process (plain-step) run on the
+same GLOBAL batches, and a run killed after a checkpoint continues, with `--resume`, on the uninterrupted losses.
 
 How the global batches line up: `trainer.data.TrainStream` gives rank r of R the contiguous sample range
 [r*K*B, (r+1)*K*B) of each epoch (K = N // (R*B) batches per rank), one shard here, no shuffle buffer. So
 rank r's step s holds lines r*K*B + s*B ... + B. The single process (batch 2B) reads a copy of the corpus
 reordered so that its step s holds exactly rank 0's then rank 1's lines of step s: the same global batch, in
-rank order. Dropout is off so both sides compute the same function; losses then agree to float32 noise
-over all steps (the trajectories stay together because the gradients are the same).
+rank order. Dropout is off so both sides compute the same function (each rank seeds its dropout with
+seed + rank, which no single process can reproduce; tests/test_step.py checks that the ranks' masks differ);
+losses then agree to float32 noise over all steps (the trajectories stay together: the gradients are the same).
 
 Kill and resume: the launched run hard-exits (`os._exit`, no cleanup) right after step 3, with checkpoints
 every 2 steps, and rank 1 writes its share of each checkpoint late (a checkpoint sealed too early shows);
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import make_tiny_encoder_dir, write_corpus
 
@@ -164,9 +167,10 @@ def _assert_same_losses(got, want, label: str) -> None:
         assert a == pytest.approx(b, rel=RTOL), f"{label}: step {step} loss {a} != single-process {b}"
 
 
-def _kill_and_resume(ws: dict, name: str, config: str, loss: list[str]) -> None:
+def _kill_and_resume(ws: dict, name: str, config: str, loss: list[str], launched: tuple[str, ...] = ()) -> None:
+    """`launched`: overrides of the launched runs only (the single-process reference runs without them)."""
     out = ws["tmp"] / name
-    overrides = _overrides(ws, out, ws["corpus"], B_LOCAL, loss)
+    overrides = _overrides(ws, out, ws["corpus"], B_LOCAL, loss) + list(launched)
     want = _single_process(ws, name + "_single", loss)
     # Training must actually move the loss, or equal losses would prove little.
     assert abs(want[-1][1] - want[0][1]) > 0.1
@@ -198,6 +202,47 @@ def test_deepspeed_zero2_iftcl_matches_one_process_and_resumes(workspace):
     state = workspace["tmp"] / "zero2" / "checkpoints" / "step_00000005" / "state"
     # It really ran under ZeRO (a silent DDP fallback would save optimizer.bin instead).
     assert list(state.glob("**/zero_pp_rank_1_*optim_states.pt")), sorted(p.name for p in state.rglob("*"))
+
+
+def test_deepspeed_zero3_cached_iftcl_matches_one_process_resumes_and_exports(workspace):
+    """ZeRO-3 (parameters partitioned) with cached gradients: the single-process plain losses, an exact resume,
+    and the model rank 0 saved from gathered weights loads in sentence-transformers."""
+    pytest.importorskip("deepspeed")
+    from sentence_transformers import SentenceTransformer
+
+    from trainer.model import SentenceEncoder
+
+    ws = workspace
+    # hidden 256: the FFN matrices (256 x 512) exceed stage3_param_persistence_threshold (1e5 elements) in
+    # zero3.json, so ZeRO-3 really partitions them (the hidden-64 encoder would stay whole on every rank).
+    # lr 3e-4: at 1e-3 this wider encoder drives the loss to ~0.03, where float32 noise exceeds RTOL.
+    wide = make_tiny_encoder_dir(ws["tmp"] / "wide", hidden=256)
+    _kill_and_resume(ws, "zero3", "cpu_2proc_zero3.yaml", [*IFTCL, f"model.name_or_path={wide}", "optim.lr=3e-4"],
+                     launched=("optim.mini_batch_size=5",))
+    last = ws["tmp"] / "zero3" / "checkpoints" / "step_00000005"
+    # ZeRO-3 writes each rank's parameter partition (ZeRO-2 writes one mp_rank_00_model_states.pt)
+    assert list((last / "state").glob("**/zero_pp_rank_1_mp_rank_00_model_states.pt"))
+    saved, original = SentenceEncoder.load(last / "model"), SentenceEncoder.load(wide)
+    shapes = {n: p.shape for n, p in original.backbone.named_parameters()}
+    assert {n: p.shape for n, p in saved.backbone.named_parameters()} == shapes
+    sentences = ["the city of water", "a red house on the river", "music"]
+    st = SentenceTransformer(str(ws["tmp"] / "zero3" / "export"), device="cpu")
+    theirs = torch.as_tensor(st.encode(sentences, convert_to_numpy=True))
+    torch.testing.assert_close(theirs, saved.encode(sentences), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(saved.encode(sentences), original.encode(sentences), atol=1e-3)  # it trained
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_cached_gradients_with_accumulation_match_one_process(workspace, stage):
+    """Several `engine.backward` calls per optimizer step (chunks x micro-batches): the accumulation boundary
+    only at the last chunk of the last micro-batch gives the single-process plain losses."""
+    pytest.importorskip("deepspeed")
+    ws, name = workspace, f"zero{stage}_cached"
+    loss = [*INFONCE, "optim.grad_accum=2"]
+    out = ws["tmp"] / name
+    cmd = ["-m", "trainer", "train", *_overrides(ws, out, ws["corpus"], B_LOCAL, loss), "optim.mini_batch_size=3"]
+    _run(_accelerate(f"deepspeed_zero{stage}.yaml", cmd), ws["tmp"] / f"{name}.log")
+    _assert_same_losses(_losses(out), _single_process(ws, name + "_single", loss), name)
 
 
 def _free_port() -> int:

@@ -25,6 +25,7 @@ EXPECTED = {
     "deepspeed_zero1": ("DEEPSPEED", 8, 1, 1),
     "deepspeed_zero2": ("DEEPSPEED", 8, 1, 2),
     "deepspeed_zero3": ("DEEPSPEED", 8, 1, 3),
+    "cpu_2proc_zero3": ("DEEPSPEED", 2, 1, 3),  # the ZeRO-3 launch the CPU tests run
 }
 
 
@@ -100,7 +101,36 @@ def test_configure_deepspeed_refuses_conflicting_values():
         dist.configure_deepspeed(_fake_accelerator(ds), micro_batch_size=8, max_grad_norm=1.0)
 
 
-def test_configure_deepspeed_refuses_zero3_until_the_loop_supports_it():
+def test_configure_deepspeed_accepts_zero3():
     ds = json.loads((DS / "zero3.json").read_text())
-    with pytest.raises(UserError, match="ZeRO stage 3 is not supported"):
-        dist.configure_deepspeed(_fake_accelerator(ds), micro_batch_size=8, max_grad_norm=1.0)
+    ds["gradient_clipping"] = "auto"
+    dist.configure_deepspeed(_fake_accelerator(ds), micro_batch_size=8, max_grad_norm=0.5)
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_clipping"] == 0.5
+
+
+def test_schedule_follows_the_optimizers_current_param_groups():
+    """ZeRO-3 rewrites the torch optimizer's param_groups at prepare (2 groups became 1 on CPU); a LambdaLR
+    built before then fails at its next step, the hand-set schedule writes into whatever groups exist."""
+    import torch
+
+    from trainer.runtime import HandSchedule
+
+    weights, biases = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [weights]}, {"params": [biases], "weight_decay": 0.0}], lr=2.0)
+    def fn(step: int) -> float:  # 2 warmup steps from 0, then linear decay to 0 at step 10
+        return step / 2 if step < 2 else (10 - step) / 8
+
+    schedule = HandSchedule(optimizer, 2.0, fn)
+    assert [g["lr"] for g in optimizer.param_groups] == [2.0 * fn(0)] * 2
+    optimizer.param_groups[:] = [{**optimizer.param_groups[0], "params": [weights, biases]}]
+    schedule.step()
+    schedule.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [2.0 * fn(2)] and schedule.get_last_lr() == [2.0 * fn(2)]
+    resumed = HandSchedule(optimizer, 2.0, fn)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.last_epoch == 2 and optimizer.param_groups[0]["lr"] == 2.0 * fn(2)
+    # a LambdaLR state dict (checkpoints of earlier versions) resumes too
+    old = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.0), fn)
+    old.step()
+    resumed.load_state_dict(old.state_dict())
+    assert resumed.get_last_lr() == [2.0 * fn(1)]

@@ -11,7 +11,7 @@ Layout under `<output_dir>`:
 - `best/` is the model with the best STS-B dev score (`step.txt` says which step), replaced atomically.
 
 Every method is called on every rank: they hold the barriers that keep ranks in step; rank 0 alone writes
-the shared files.
+the shared files (under ZeRO-3 every rank first joins the gather of the partitioned weights it writes).
 
 Nothing of a checkpoint is unpickled with full pickle: the scheduler is saved as JSON (Accelerate would pickle a
 registered object and load it with `weights_only=False`), and `resume_point` checks every file with
@@ -41,6 +41,7 @@ from trainer.checkpoint_files import (  # noqa: F401 - the state file names are 
     state_file,
     verify_checkpoint,
 )
+from trainer.distributed import gathered_parameters, whole_model_io
 from trainer.errors import UserError
 from trainer.files import follow_umask
 from trainer.outputs import writing
@@ -150,8 +151,8 @@ class Checkpointer:
             # Every rank writes its own RNG state (and ZeRO shards) into tmp; save_state ends without a barrier,
             # so rank 0 must not seal tmp until all of them are done (a slow rank 1 then found its folder gone).
             self.accelerator.wait_for_everyone()
+            self._save_model(model, tmp / "model")
             if self.main:
-                model.save(tmp / "model")
                 torch.save(objective.state_dict(), tmp / "objective.pt")
                 (tmp / SCHEDULER_FILE).write_text(json.dumps(_scheduler_state(scheduler)))
                 # written last: its presence marks the checkpoint complete, its file list covers the rest
@@ -215,14 +216,21 @@ class Checkpointer:
 
     def save_best(self, step: int, model: Any) -> None:
         """Replace `best/` with `model` (the unwrapped `SentenceEncoder`) of step `step`."""
+        tmp = self.output_dir / ".best.tmp"
         if self.main:
-            tmp = self.output_dir / ".best.tmp"
-            with writing("the best model", tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-                model.save(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        with writing("the best model", tmp):
+            self._save_model(model, tmp)
+            if self.main:
                 (tmp / "step.txt").write_text(str(step))
                 atomic_replace_dir(tmp, self.output_dir / "best")
         self.accelerator.wait_for_everyone()
+
+    def _save_model(self, model: Any, folder: Path) -> None:
+        """Rank 0 writes `model` (a `SentenceEncoder`) whole; under ZeRO-3 every rank joins the gather."""
+        with gathered_parameters(model), whole_model_io():
+            if self.main:
+                model.save(folder)
 
 
 def _name(step: int) -> str:

@@ -41,6 +41,9 @@ class ModelConfig:
     reinit_layers: int = 0
     """Re-initialise the top K transformer layers (the backbone's own `_init_weights`, seeded by `seed`) for a
     starting point with headroom (docs/fidelity.md); 0 keeps the pretrained weights."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing (the HF backbone's own switch, non-reentrant): layers recomputed in the
+    backward instead of keeping their activations; combines with `optim.mini_batch_size`."""
 
     def __post_init__(self) -> None:
         if self.reinit_layers < 0:
@@ -272,6 +275,10 @@ class OptimConfig:
     micro-batch's anchors are scored against that micro-batch's candidates only (see `mini_batch_size`)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
+    mini_batch_size: int = 0
+    """Cached gradients (GradCache): rows per encoder forward (a batch has 2 x data.batch_size rows, 3 x for
+    IFTCL); the whole batch's exact gradient and negatives with one chunk's activation memory, for one extra
+    forward pass (trainer/step.py). 0 = off. Unlike `grad_accum`, it keeps every in-batch negative."""
 
     def __post_init__(self) -> None:
         if not 0 < self.lr < math.inf or self.max_steps < 1 or self.grad_accum < 1:  # written so that nan fails
@@ -284,6 +291,8 @@ class OptimConfig:
             raise ConfigError("set optim.warmup_steps or optim.warmup_ratio, not both")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("optim.max_grad_norm and optim.weight_decay must be >= 0")
+        if self.mini_batch_size < 0:
+            raise ConfigError(f"optim.mini_batch_size must be >= 0 (0 = off), got {self.mini_batch_size}")
         if not self.epochs:  # with epochs, max_steps is known once the stream is built (TrainConfig.with_epochs)
             self.check_steps()
 

@@ -9,6 +9,8 @@ every rank's L_r' sends to the owner's embeddings, so rank r ends with g_r = d(s
 d(emb_r)/d(theta); DDP then AVERAGES g_r over ranks: (1/W) sum_r g_r = dL/dtheta. (Summing instead of
 averaging, or gathering without gradient, gives the W-times-too-large or lost gradients of pytorch#58005.)
 DeepSpeed ZeRO 1-3 average gradients over the data-parallel group the same way, so the argument holds there.
+The cached-gradient step (`trainer.step`) takes d loss / d embeddings through the same gather, so it inherits
+the contract.
 
 Equal batches are part of that contract: L = (1/W) sum_r L_r is the mean over all rows only when every rank
 holds B_local rows, and the positive offset `r * B_local` assumes it too. `gather_with_grad` therefore
@@ -21,9 +23,10 @@ gradients of one process on the concatenated batch for InfoNCE, both SoftCSE mod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -200,17 +203,6 @@ def configure_deepspeed(accelerator: Any, *, micro_batch_size: int, max_grad_nor
 
     ds = plugin.deepspeed_config
     source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
-    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
-    if stage == 3:
-        # Measured on CPU: ZeRO-3 trains the same losses, but (1) it rewrites the torch optimizer's param_groups,
-        # so the trainer's hand-stepped LambdaLR fails at its 2nd step; (2) saving `model/` and the final
-        # report run on rank 0 only and load/save through transformers' ZeRO-3 hooks, which need every rank
-        # (a hang). Refuse it up front until the loop gathers weights on all ranks.
-        raise UserError(
-            f"{source}: ZeRO stage 3 is not supported by the trainer yet (rank-0 saving and the LR schedule "
-            "assume whole parameters); use launch_configs/accelerate/deepspeed_zero2.yaml (ZeRO-2 partitions "
-            "optimizer states and gradients, enough for encoders up to BERT-large)"
-        )
     micro = ds.get("train_micro_batch_size_per_gpu", "auto")
     if micro == "auto":
         ds["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -227,3 +219,47 @@ def configure_deepspeed(accelerator: Any, *, micro_batch_size: int, max_grad_nor
             f"{source} sets gradient_clipping={clip} but optim.max_grad_norm={max_grad_norm}; DeepSpeed clips by "
             f"its own value, so make them equal (optim.max_grad_norm={clip}) or set gradient_clipping to \"auto\""
         )
+
+
+# ZeRO-3 (launch_configs/accelerate/deepspeed_zero3.yaml, cpu_2proc_zero3.yaml): each rank holds 1/W of every
+# large parameter between forwards (`stage3_param_persistence_threshold` keeps small ones whole). Forwards
+# gather them by themselves (hooks), so evaluation works when EVERY rank runs the same forwards; reading the
+# weights to save them does not, and a rank-0-only step must not start one of transformers' ZeRO-3 paths.
+
+
+@contextlib.contextmanager
+def gathered_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, `module`'s ZeRO-3-partitioned parameters are whole on every rank (read-only; e.g. for
+    rank 0 to save them); a no-op without ZeRO-3. A collective: call it on every rank."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+@contextlib.contextmanager
+def whole_model_io() -> Iterator[None]:
+    """Inside the block, transformers loads and saves models whole, as outside DeepSpeed.
+
+    Accelerate registers the DeepSpeed config with transformers for the whole run; under ZeRO-3 every
+    `from_pretrained` then builds the model inside `deepspeed.zero.Init` (a collective) and partitions it.
+    That hangs when rank 0 alone loads the kept model for the final report, and it is not what the
+    launch configs ask for (`zero3_init_flag: false`: build the encoder whole, let `prepare` partition it)."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' module global, restored as it was
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

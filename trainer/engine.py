@@ -1,12 +1,13 @@
 """The training loop, top to bottom: set-up -> accumulate / backward / clip / step / schedule -> STS-B dev eval
 every N steps keeping the best model -> atomic checkpoints -> exact resume -> final report and export.
 
-One step of unsupervised SimCSE: each local sentence is encoded twice in one forward pass (two dropout masks),
-view-2 embeddings of every rank are gathered with gradient (`distributed.gather_with_grad`), and the loss
-scores local anchors against all candidates with the positive at `rank * B_local + i`. IFTCL adds a third,
-token-augmented (fraternal) view and a queue of past candidates, which the loop fills after each backward.
-Pair data (anchor, positive, hard negatives) takes `trainer.pair_step.pair_step_loss` instead, batch by batch
-(a `data.sources` mixture may alternate text and pair batches).
+One micro-batch (forward, gather, loss, backward; plain or with cached gradients in chunks of
+`optim.mini_batch_size`) is `trainer.step.forward_backward`: each local sentence is encoded twice in one forward
+pass (two dropout masks), view-2 embeddings of every rank are gathered with gradient, and the loss scores local
+anchors against all candidates with the positive at `rank * B_local + i`. IFTCL adds a third, token-augmented
+(fraternal) view and a queue of past candidates, which the loop fills after each backward. Pair data (anchor,
+positive, hard negatives) takes `trainer.pair_step.pair_step_loss` instead, batch by batch (a `data.sources`
+mixture may alternate text and pair batches).
 
 The Accelerator, optimizer and schedule come from `trainer.runtime`; checkpoints, their layout and the kept
 best model from `trainer.checkpoint`; the output folder's lock, named write failures and the metrics rewind
@@ -31,6 +32,7 @@ from trainer.checkpoint import Checkpointer, TrainState, find_last_checkpoint
 from trainer.config import TrainConfig, flatten, save_config
 from trainer.errors import UserError
 from trainer.outputs import OutputLock, rewind_metrics, writing
+from trainer.step import accelerate_backprop, forward_backward
 
 __all__ = ["TrainResult", "find_last_checkpoint", "train"]
 
@@ -180,7 +182,8 @@ def _train(run: _Run, started: float, on_step: Optional[Callable[[int, float], N
         if not finished:
             run.tracker.finish("FAILED")
 
-    result.final_scores = _final_report(cfg, run.checkpointer.kept_model(), run.tracker, run.main)
+    with dist.whole_model_io():  # rank 0 alone loads and exports: no ZeRO-3 collective may start there
+        result.final_scores = _final_report(cfg, run.checkpointer.kept_model(), run.tracker, run.main)
     run.accelerator.wait_for_everyone()
     run.tracker.finish("FINISHED")
     result.step, result.best_score, result.initial_score = run.state.step, run.state.best_score, run.state.initial_score
@@ -220,9 +223,12 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock, progress: boo
             save_config(cfg, output_dir / "config.yaml")
     accelerator.wait_for_everyone()
 
-    # Same seed on every rank: identical init; dropout differs per rank anyway because inputs differ.
+    # Same seed on every rank for an identical init (the cls_mlp head is random), then seed + rank: dropout
+    # masks come from the RNG state, not from the inputs, so equal seeds would draw equal masks on every rank.
     set_seed(cfg.seed)
-    model = build_encoder(cfg.model)
+    with dist.whole_model_io():
+        model = build_encoder(cfg.model)
+    set_seed(cfg.seed, device_specific=True)
     objective = build_objective(cfg.loss)
     attach_frozen(objective, model, accelerator.mixed_precision)  # the initial encoder: before prepare and resume
     # A corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
@@ -317,15 +323,13 @@ def _train_steps(
 def _optimizer_step(run: _Run, batches: Iterator[dict], window: _Window) -> dict:
     """`optim.grad_accum` micro-batches, one optimizer and scheduler step; returns the last micro-batch's
     loss dict."""
-    from trainer.pair_step import is_pair_batch, pair_step_loss
-
     acc, prep, optim = run.accelerator, run.prep, run.cfg.optim
+    backprop = accelerate_backprop(acc, prep.model)
     for _ in range(optim.grad_accum):
         batch = next(batches)
-        step_loss = pair_step_loss if is_pair_batch(batch) else _step_loss
         with acc.accumulate(prep.model):
-            out, *candidates = step_loss(prep.model, batch, run.objective, acc.process_index)
-            acc.backward(out["loss"])
+            out, *candidates = forward_backward(prep.model, batch, run.objective, acc.process_index,
+                                                mini_batch_size=optim.mini_batch_size, backprop=backprop)
             if acc.sync_gradients and optim.max_grad_norm > 0:
                 acc.clip_grad_norm_(prep.model.parameters(), optim.max_grad_norm)
             prep.optimizer.step()
@@ -352,34 +356,6 @@ def _batches(stream: Any, device: torch.device) -> Iterator[dict]:
             yield {k: v.to(device) for k, v in batch.items()}
         if empty:  # TrainStream refuses data smaller than one global batch; never spin on an empty epoch
             raise RuntimeError("the training stream yielded no batch in a whole epoch")
-
-
-def _view(batch: dict, prefix: str = "") -> dict:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    return {k: batch[prefix + k] for k in keys if prefix + k in batch}
-
-
-def _step_loss(model, batch: dict, objective, rank: int) -> tuple[dict, torch.Tensor]:
-    """Encode the views, gather candidates across ranks, score this rank's local anchors against them.
-
-    Returns the objective's loss dict and the gathered candidates, detached, for `objective.enqueue` once the
-    backward is done."""
-    # Both dropout views in ONE forward: same masks as two calls (different dropout draws per row copy), half
-    # the launches.
-    views = {k: torch.cat([v, v]) for k, v in _view(batch).items()}
-    emb = model(**views)
-    num_local = batch["input_ids"].shape[0]
-    anchors, positives = emb[:num_local], emb[num_local:]
-    candidates = dist.gather_with_grad(positives)
-    positive_index = torch.arange(num_local, device=emb.device) + rank * num_local
-    fraternal = None
-    if objective.needs_fraternal:
-        fraternal = dist.gather_with_grad(model(**_view(batch, "fraternal_")))
-    from trainer.frozen import step_inputs
-
-    out = objective(anchors, candidates, positive_index=positive_index, fraternal=fraternal,
-                    **step_inputs(objective, batch))
-    return out, candidates.detach()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -188,11 +188,28 @@ class SentenceEncoder(nn.Module):
 
 
 def build_encoder(model_cfg) -> SentenceEncoder:
-    """Encoder from a `ModelConfig` (name, pooler, max_length, dropout override, top layers re-initialised)."""
+    """Encoder from a `ModelConfig` (name, pooler, max_length, dropout override, top layers re-initialised,
+    gradient checkpointing)."""
     from trainer.reinit import reinit_top_layers
 
     model = SentenceEncoder.load(
         model_cfg.name_or_path, pooler=model_cfg.pooler, max_length=model_cfg.max_length, dropout=model_cfg.dropout
     )
     reinit_top_layers(model.backbone, model_cfg.reinit_layers)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model: SentenceEncoder) -> None:
+    """Activation checkpointing through the HF backbone's own switch (`model.gradient_checkpointing`)."""
+    if not getattr(model.backbone, "supports_gradient_checkpointing", False):
+        raise UserError(f"model.gradient_checkpointing: {type(model.backbone).__name__} does not support it")
+    # Non-reentrant: works under no_grad (the cached step's first pass), needs no input that requires grad,
+    # and replays each layer's dropout masks from the saved RNG state. transformers 5 renamed the switch (the
+    # old name warns); setup.py allows 4.45+.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model.backbone, "activation_checkpointing_enable"):
+        model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,7 +33,7 @@ class Prepared:
     unwrapped: Any
     """The `SentenceEncoder` inside: evaluate and save it."""
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: "HandSchedule"
     """Stepped by hand once per optimizer step."""
 
 
@@ -84,14 +84,56 @@ _SCHEDULERS = {
 }
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """`optim.scheduler` over `optim.max_steps` optimizer steps, HF Trainer's curves (`transformers.get_scheduler`):
-    the LR of optimizer step k (from 1) is lr * f(k - 1), so warmup starts from 0 as HF's does."""
+def schedule_factor(cfg: OptimConfig) -> Callable[[int], float]:
+    """f(k): the LR multiplier after k optimizer steps for `optim.scheduler`, HF Trainer's curves
+    (`transformers.get_scheduler`, read off a one-group probe optimizer): step k + 1 runs at lr * f(k), so
+    warmup starts from 0 as HF's does."""
     from transformers import get_scheduler
 
     extra = {"num_decay_steps": cfg.num_decay_steps()} if cfg.scheduler == "warmup_stable_decay" else None
-    return get_scheduler(_SCHEDULERS[cfg.scheduler], optimizer, num_warmup_steps=cfg.num_warmup_steps(),
-                         num_training_steps=cfg.max_steps, scheduler_specific_kwargs=extra)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_scheduler(_SCHEDULERS[cfg.scheduler], probe, num_warmup_steps=cfg.num_warmup_steps(),
+                         num_training_steps=cfg.max_steps, scheduler_specific_kwargs=extra).lr_lambdas[0]
+
+
+def build_scheduler(optimizer: Any, cfg: OptimConfig) -> "HandSchedule":
+    """`optim.scheduler` over `optim.max_steps` optimizer steps on `optimizer` (the PREPARED one)."""
+    return HandSchedule(optimizer, cfg.lr, schedule_factor(cfg))
+
+
+class HandSchedule:
+    """A schedule `lr * f(step)`, written by hand into the PREPARED optimizer's current param groups at every step
+    (LambdaLR's interface: `step`, `get_last_lr`, `last_epoch`, `state_dict`).
+
+    Not a LambdaLR on the torch optimizer: DeepSpeed ZeRO-3 rewrites that optimizer's param_groups at
+    `prepare` (measured on CPU: AdamW's 2 groups became 1), and LambdaLR, which keeps one base LR per group it
+    saw at construction, then fails at its next step. Every group has the same peak LR (they differ in weight
+    decay only), so one factor applied to whatever groups exist now is the schedule under every stage."""
+
+    def __init__(self, optimizer: Any, base_lr: float, fn: Callable[[int], float]) -> None:
+        self.optimizer, self.base_lr, self.fn = optimizer, base_lr, fn
+        self.last_epoch = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        self._last_lr = self.base_lr * self.fn(self.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._last_lr
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [self._last_lr]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Also takes a LambdaLR state dict (checkpoints of earlier versions): only `last_epoch` counts."""
+        self.last_epoch = int(state["last_epoch"])
+        self._apply()
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -111,10 +153,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 def prepare(accelerator: Any, model: torch.nn.Module, cfg: TrainConfig) -> Prepared:
     """Optimizer and schedule for `model`, DeepSpeed's missing values, then `accelerator.prepare`."""
     optimizer = build_optimizer(model, cfg.optim)
-    # The scheduler is stepped by hand once per optimizer step: Accelerate's prepared scheduler steps
-    # num_processes times per call, which would end the schedule W times too early.
-    scheduler = build_scheduler(optimizer, cfg.optim)
     # DeepSpeed: micro batch from data.batch_size (no DataLoader is prepared), clipping = optim.max_grad_norm.
     dist.configure_deepspeed(accelerator, micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Stepped by hand once per optimizer step (Accelerate's prepared scheduler steps num_processes times per
+    # call, which would end the schedule W times too early), on the prepared optimizer's groups (ZeRO-3).
+    scheduler = build_scheduler(optimizer, cfg.optim)
     return Prepared(model=model, unwrapped=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler)
