@@ -4,8 +4,10 @@
 
 One training step as the loop runs it (``trainer.engine._step_loss``: views in one forward, the objective,
 backward, AdamW step), pre-tokenized sentences from ``data/wiki1m_head10k.txt``, one process. Variants are
-timed in interleaved rounds (A B C D A B C D ...) so that load from other jobs on a shared machine spreads
-over all of them; reported: the median step time per variant and its ratio to its baseline.
+timed in interleaved rounds (A B C D A B C D ...). Reported per variant: the median process CPU time of a
+step and its ratio to its baseline (the main figure: with ``--threads 1``, the default, CPU time is the
+compute a step needs whatever else runs on the machine), and the median wall time (which load from other
+jobs on a shared machine inflates).
 
   softcse (self)                   baseline of the next two
   softcse weight_source=frozen     + one no-grad eval-mode forward of B sentences
@@ -44,8 +46,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--rounds", type=int, default=8, help="measured rounds (each times every variant once)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: CPU time = compute)")
     p.add_argument("--output", help="JSON file for the results")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     from trainer import engine
     from trainer.config import AugmentConfig, LossConfig, ModelConfig
@@ -72,15 +76,15 @@ def main(argv=None) -> int:
         attach_frozen(objectives[name], model)
 
     def step(objective, batch):
-        t0 = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         out, candidates = engine._step_loss(model, batch, objective, 0)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         objective.enqueue(candidates)
-        return time.perf_counter() - t0
+        return time.process_time() - cpu, time.perf_counter() - wall
 
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in VARIANTS}
     for r in range(args.rounds + 1):  # round 0 warms up
         for name, objective in objectives.items():
             elapsed = step(objective, batches[r % len(batches)])
@@ -88,11 +92,12 @@ def main(argv=None) -> int:
                 times[name].append(elapsed)
     rows = {}
     for name, (_, _, base) in VARIANTS.items():
-        median = statistics.median(times[name])
-        ratio = None if base is None else median / statistics.median(times[base])
-        rows[name] = {"median_s": median, "ratio_to_baseline": ratio, "times_s": times[name]}
+        cpu, wall = (statistics.median(t[i] for t in times[name]) for i in (0, 1))
+        ratio = None if base is None else cpu / statistics.median(t[0] for t in times[base])
+        rows[name] = {"median_cpu_s": cpu, "median_wall_s": wall, "cpu_ratio_to_baseline": ratio,
+                      "cpu_wall_s": times[name]}
         extra = "" if ratio is None else f"  x{ratio:.3f} of {base}"
-        print(f"{name:24s} {median * 1000:8.0f} ms{extra}", flush=True)
+        print(f"{name:24s} CPU {cpu * 1000:7.0f} ms  wall {wall * 1000:7.0f} ms{extra}", flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(),
                                                  "variants": rows}, indent=2))

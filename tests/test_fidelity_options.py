@@ -258,3 +258,37 @@ def test_objective_passes_the_frozen_views_and_unchanged_rows():
     want = softcse_loss(A2, C2, gamma=2.0, positive_index=torch.tensor([3, 4, 5]), kernel="chunked",
                         guide=(frozen2.anchors, frozen2.candidates))
     torch.testing.assert_close(got["loss"], want["loss"], **EXACT)
+
+
+HARD_SOFT_ON_TRITON = """
+import torch, torch.nn.functional as F
+from trainer.losses import softcse_loss
+g = torch.Generator().manual_seed(0)
+A, C = F.normalize(torch.randn(16, 32, generator=g), dim=1), F.normalize(torch.randn(24, 32, generator=g), dim=1)
+out = {}
+for kernel in ("triton", "reference"):
+    a, c = A.clone().requires_grad_(), C.clone().requires_grad_()
+    loss = softcse_loss(a, c, mode="temperature", tau_min=0.03, tau_max=0.2, gamma=1.5, tau_direction="hard_soft",
+                        kernel=kernel)["loss"]
+    loss.backward()
+    out[kernel] = (loss.detach(), a.grad, c.grad)
+for x, y in zip(out["triton"], out["reference"]):
+    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_hard_soft_on_the_triton_kernel_under_the_interpreter():
+    """hard_soft hands the kernel a ramp whose start is above its end (negative tau delta)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", HARD_SOFT_ON_TRITON], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

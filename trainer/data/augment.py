@@ -17,9 +17,9 @@ An edit can leave the words unchanged (no word deleted or repeated, no swap), wh
 second identical twin: at the default rates 11.8% of the lines of SimCSE's wiki1m (``data/wiki1m_head10k.txt``,
 many short lines), 3.6% of ``enwiki_1m_sentences``. ``max_redraws`` re-applies the edit, with the same
 generator, up to that many more times until the words differ (0 keeps the first draw, the original
-behaviour); 3 re-draws leave 1.9% and 0.02% (mostly one-word lines, which only a repetition can change). ``unchanged_views`` finds, on the tokenized batch, the rows that still equal their
-anchor (after redraws and truncation, i.e. what the model sees): the loss logs them and can leave them out of
-the Twins term.
+behaviour); 3 re-draws leave 1.9% and 0.02% (mostly one-word lines, which only a repetition can change).
+``unchanged_views`` finds, on the tokenized batch, the rows that still equal their anchor (after re-draws
+and truncation, i.e. what the model sees): the loss logs them and can leave them out of the Twins term.
 """
 
 from __future__ import annotations
