@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tests.test_engine import BagOfTokens, Crash, tiny_config
-from trainer import engine
 from trainer.config import LossConfig
 from trainer.engine import train
 from trainer.frozen import FrozenEncoder, attach_frozen, step_inputs
 from trainer.losses import build_objective
+from trainer.step import forward_backward, step_loss
 
 
 class Dropped(BagOfTokens):
@@ -63,8 +63,10 @@ def test_step_loss_gives_the_objective_frozen_views_and_unchanged_rows():
     inputs = step_inputs(objective, batch)
     assert inputs["fraternal_unchanged"].tolist() == [True, False, False, False]
     assert inputs["frozen"].candidates is None and inputs["frozen"].fraternal.shape == (4, 8)
-    out, _ = engine._step_loss(model, batch, objective, 0)
+    out, _ = step_loss(model, batch, objective, 0)
     assert out["fraternal_unchanged_frac"].item() == 0.25 and {"margin_mean", "hinge_active_frac"} <= set(out)
+    cached, _ = forward_backward(model, batch, objective, 0, mini_batch_size=2)  # the cached path passes them too
+    assert cached["fraternal_unchanged_frac"].item() == 0.25 and torch.isfinite(cached["loss"])
     plain = build_objective(LossConfig(name="infonce"))
     attach_frozen(plain, model)
     assert plain.frozen is None and step_inputs(plain, batch) == {}

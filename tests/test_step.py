@@ -207,9 +207,10 @@ def _worker(rank: int, world: int, port: int, tmp: str, out_dir: str) -> None:
     result: dict = {}
     try:
         from trainer import engine
+        from trainer.outputs import OutputLock
 
-        run = engine._setup(_train_config(Path(tmp), "setup", "model.dropout=0.1", f"optim.grad_accum={ACCUM}"),
-                            resume=False)
+        cfg = _train_config(Path(tmp), "setup", "model.dropout=0.1", f"optim.grad_accum={ACCUM}")
+        run = engine._setup(cfg, resume=False, lock=OutputLock(Path(cfg.output_dir).resolve()))
         result["dropout"] = _dropout_draws(run)
         result["cases"] = _ddp_cases(run.accelerator, rank, world)
     except Exception:  # report in the parent, which shows the traceback
