@@ -6,8 +6,9 @@ Legend: N rows (anchors), M columns (candidates), D dim, B column-block size, R 
 Two paths, chosen per call (``chunked_lse``):
 
 - kept (CPU tensors whose N x M compute-dtype matrix fits ``workspace_bytes``): one GEMM writes the N x M
-  logits into the workspace, the family is applied in row stripes of R rows (temporaries O(R x M)), and a
-  row softmax runs IN PLACE, so the workspace ends up holding ``H = p`` (``p / tau`` when tau varies).
+  logits into the workspace, the family is applied in row stripes of R rows (temporaries O(R x M), within
+  what the workspace has left beyond the matrix, at least ``_TILE_ELEMENTS``), and a row softmax runs IN
+  PLACE, so the workspace ends up holding ``H = p`` (``p / tau`` when tau varies).
   lse comes from the positive column, which always has weight 1: ``lse_i = z_ip - log p_ip``, exact as long
   as p_ip is a normal number (rows where it is not, i.e. hopeless positives, are recomputed). Backward is
   two GEMMs with the row factor r = g (/ temperature) folded into N x D operands, never into H:
@@ -185,7 +186,12 @@ def chunked_lse(anchors: Tensor, candidates: Tensor, family: Family, positive_in
     """
     n_rows, n_cols = anchors.shape[0], candidates.shape[0]
     if keeps_logits(anchors, candidates, workspace_bytes):
-        stripe_rows = block_size or max(1, _TILE_ELEMENTS // n_cols)
+        # the family's temporaries (about 3 per element: the clamped copy / log w, 1/tau, the bool mask)
+        # take what the workspace has left beyond the kept matrix: fewer, larger stripes mean fewer torch
+        # calls, each a thread-pool barrier that other load on the cores makes expensive
+        itemsize = torch.promote_types(anchors.dtype, torch.float32).itemsize
+        spare_rows = (workspace_bytes - n_rows * n_cols * itemsize) // (3 * n_cols * itemsize)
+        stripe_rows = block_size or max(1, _TILE_ELEMENTS // n_cols, spare_rows)
         return _KeptSimSoftmaxLSE.apply(anchors, candidates, positive_index_N, neg_log_scale_N, stripe_rows,
                                         family)
     if block_size is None:

@@ -1,10 +1,13 @@
-"""Triton kernels of the op: forward lse and the two backward modes (spec in ``kernels/__init__.py``).
+"""Triton kernels of the op: forward lse, the two recompute backward modes and the keep kernels (spec in
+``kernels/__init__.py``).
 
 Legend: N anchors/rows, M candidates/columns, D embedding dim; A (N x D), C (M x D) row-major, stride 1
-along D. Launchers, configurations and the autograd.Function are in ``kernels/triton_op.py``; this module
-is imported only when triton is, and TRITON_INTERPRET is read when the kernels below are decorated.
+along D. Launchers and autograd.Functions are in ``kernels/triton_op.py`` (recompute) and
+``kernels/triton_keep.py`` (keep); this module is imported only when triton is, and TRITON_INTERPRET is read
+when the kernels below are decorated.
 
-Numerics and layout (flash-attention style, nothing of size N x M ever reaches memory):
+Numerics and layout (flash-attention style; only the stripe and keep modes write N x M data, and only within
+the workspace):
 - forward: a program owns BLOCK_N rows and one split of the columns; per BLOCK_M column tile it computes
   s with ``tl.dot`` over D in BLOCK_D chunks (fp32 accumulation; bf16/fp16 tensor cores, IEEE fp32 for fp32
   inputs unless TF32 is allowed), derives w and tau in-kernel (``_family_tile``), and keeps a running max
@@ -14,8 +17,11 @@ Numerics and layout (flash-attention style, nothing of size N x M ever reaches m
 - backward "fused" (D <= 256): deterministic two kernels recompute tiles; da over row blocks, dc over
   column blocks, each holding a [block, BLOCK_DO] fp32 accumulator (D is split in BLOCK_DO chunks).
 - backward "stripe" (D > 256 on GPU, where a full-D fp32 accumulator does not fit in registers): a kernel
-  writes G = g p / tau for a stripe of rows into a bounded workspace (``workspace_bytes``, not O(N M)), then
-  cuBLAS computes da[stripe] = G C and dc += G^T A[stripe] (dc accumulated in fp32 across stripes).
+  writes G = g p / tau for a stripe of rows (columns when M > N) into a bounded workspace
+  (``workspace_bytes``, not O(N M)), then cuBLAS computes the complete side per stripe (da = G C, or dc =
+  G^T A when striping columns) and accumulates the other in fp32 across stripes.
+- keep (``fwd_keep_kernel`` + ``keep_fixup_kernel``, kernel v2): the forward itself stores the tiles of
+  p / tau, relative to a per-row reference, for the GEMMs of ``kernels/triton_keep.py``: no recompute.
 - pointer offsets are int64 (row * stride may exceed 2^31). Under TRITON_INTERPRET=1 the launcher picks small
   fixed blocks (no autotune) and tiles are cast to fp32 before ``tl.dot`` (bf16 dot is broken there).
 """

@@ -118,8 +118,9 @@ def test_triton_forward_grad_path(case, reduction, workspace):
     kwargs = case_kwargs(case, n, m, device=DEVICE)
     want = _reduced(lambda x, y, reduction, **kw: _dense_reduced(x, y, reduction, **kw), a, c, reduction,
                     torch.float64, **kwargs)
-    fn = lambda x, y, **kw: triton_sim_softmax_lse(x, y, config=dict(keep=True, keep_headroom=0.0),  # noqa: E731
-                                                   workspace_bytes=workspace, **kw)
+    config = dict(keep=True, keep_headroom=0.0, keep_block_n=16)  # 16-row stripes on the GPU too
+    fn = lambda x, y, **kw: triton_sim_softmax_lse(x, y, config=config, workspace_bytes=workspace,  # noqa: E731
+                                                   **kw)
     a32 = a.float().requires_grad_(True)
     assert "FwdGrad" in type(fn(a32, c.float(), reduction=reduction, **kwargs).grad_fn).__name__
     got = _reduced(fn, a, c, reduction, torch.float32, **kwargs)
@@ -153,8 +154,9 @@ def test_triton_keep_choice_and_workspace_bound():
     assert choose_keep(a, c, cfg, "none", need, True) == "keep"
     assert choose_keep(a, c, cfg, "none", need - 1, True) == "recompute"
     assert choose_keep(a, c, cfg, "none", need, False) == "recompute"
-    assert choose_keep(a, c, cfg, "mean", 53 * 4 * 16, True) == "fwdgrad"  # one stripe of BLOCK_N=16 rows
-    assert choose_keep(a, c, cfg, "mean", 53 * 4 * 16 - 1, True) == "recompute"
+    stripe = 53 * 4 * min(cfg["keep_block_n"], 37)  # one stripe: BLOCK_N rows, or all rows when fewer
+    assert choose_keep(a, c, cfg, "mean", stripe, True) == "fwdgrad"
+    assert choose_keep(a, c, cfg, "mean", stripe - 1, True) == "recompute"
     assert choose_keep(a, c, dict(cfg, bwd_mode="fused"), "none", need, True) == "recompute"
     assert choose_keep(a, c, dict(cfg, keep=False), "none", need, True) == "recompute"
     with torch.no_grad():  # nothing to differentiate: plain forward, no tiles written
