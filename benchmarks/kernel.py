@@ -56,7 +56,7 @@ DEFAULT_METHODS = "triton,triton_recompute,naive,compiled,liger,infcl"
 # (BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) for the keep kernel and the recompute G kernel;
 # forward configs add (CTAs per SM for splits, flat loop)
 KEEP_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 4),
-              (256, 128, 64, 8, 3), (128, 64, 64, 4, 3)]
+              (256, 128, 64, 8, 3), (128, 64, 64, 8, 3)]
 GRAD_SWEEP = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3)]
 FWD_SWEEP = [(128, 256, 64, 8, 3, 1, False), (128, 128, 64, 8, 4, 1, True)]
 

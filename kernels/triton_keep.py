@@ -76,8 +76,11 @@ def _keep_stripe(a_ND, c_MD, pos_N, nls_N, family, cfg, row0, p_RM):
         cols_per_split, *hyper, itm2, HAS_NLS=nls_N is not None, HAS_POS=pos_N is not None, **flags,
         HEADROOM=float(headroom), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, EVEN_D=dim % block_d == 0,
         **dot_flags(a_ND), num_warps=cfg["keep_warps"], num_stages=cfg["keep_stages"])
-    keep_fixup_kernel[(row_blocks, n_tiles)](p_RM, refs, ref_SR, row0 + rows, n_cols, p_RM.stride(0), row0,
-                                             n_tiles, cols_per_split, BLOCK_N=block_n, BLOCK_M=block_m)
+    # 32-row blocks: a 128 x 128 tile in 4 warps spilled (ptxas, sm_90); most programs exit after 2 x 32 loads
+    fix_n = min(32, block_n)
+    keep_fixup_kernel[(triton.cdiv(rows, fix_n), n_tiles)](
+        p_RM, refs, ref_SR, row0 + rows, n_cols, p_RM.stride(0), row0, n_tiles, cols_per_split, BLOCK_N=fix_n,
+        BLOCK_M=block_m, num_warps=4)
     # merge the splits (S x R, tiny): lse = ln 2 * log2 sum_s l_s 2^ref_s; exact for empty (-inf) splits
     lse_R = torch.logsumexp((ref_SR + torch.log2(l_SR)) * LN2, dim=0)
     f_SR = torch.exp2(ref_SR - lse_R * LOG2E) * (itm2 * LN2)  # ref = -inf -> 0

@@ -12,8 +12,9 @@ the workspace):
   s with ``tl.dot`` over D in BLOCK_D chunks (fp32 accumulation; bf16/fp16 tensor cores, IEEE fp32 for fp32
   inputs unless TF32 is allowed), derives w and tau in-kernel (``_family_tile``), and keeps a running max
   and sum in base 2 (``LOG2E`` folded into the temperature constants on the host, ``exp2``; weights
-  multiply, so gamma in {1, 2} costs no special function and zero weights drop out of the max). Column splits (so that small N still
-  fills the GPU) write partial lse (splits x N); torch merges them. Saved for backward: lse (N,).
+  multiply, so gamma in {1, 2} costs no special function and zero weights drop out of the max). Column
+  splits (so that small N still fills the GPU) write partial lse (splits x N); torch merges them. Saved for
+  backward: lse (N,).
 - backward "fused" (D <= 256): deterministic two kernels recompute tiles; da over row blocks, dc over
   column blocks, each holding a [block, BLOCK_DO] fp32 accumulator (D is split in BLOCK_DO chunks).
 - backward "stripe" (D > 256 on GPU, where a full-D fp32 accumulator does not fit in registers): a kernel
