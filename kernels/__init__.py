@@ -22,9 +22,21 @@ At s_ij = 1 and weight_gamma > 0, log w_ij = -inf: the term vanishes (zero proba
 lse is float32 for fp16/bf16/fp32 inputs (float64 for float64 inputs on the torch backends); input
 gradients have the input dtype.
 
+``reduction="mean"|"sum"`` returns a scalar instead (what every loss takes), which lets the Triton backend
+produce the gradient during the forward. ``workspace_bytes`` (default 256 MiB) bounds the one N x M buffer a
+backend may keep from forward to backward; beyond it every backend recomputes similarity tiles:
+
+    path (backend)            FLOPs   kept between forward and backward
+    kept logits (chunked, CPU) 6NMD   p (or p / tau), N x M in fp32, when it fits the workspace
+    keep (Triton, D > 256)     6NMD   gradient tiles, N x M in the input dtype, when they fit
+    forward-grad (Triton)      6NMD   da, dc (reduction mean/sum; stripes of rows through the workspace)
+    recompute (every backend)  8NMD   lse (N,) only
+
 Modules: ``dispatch`` (the functional, BACKENDS), ``family`` (argument checks and the family in torch,
-shared by every backend), ``reference`` (dense torch, ``upcast=``), ``chunked`` (memory-bounded torch,
-``mean_negative_weight``), ``triton_op`` + ``triton_kernels`` (the Triton backend, present when triton is).
+shared by every backend; the workspace default), ``reference`` (dense torch, ``upcast=``), ``chunked``
+(torch: kept-logits and recompute paths, ``mean_negative_weight``), ``triton_op`` (recompute path, entry
+points), ``triton_keep`` (keep / forward-grad paths), ``triton_launch`` (configurations, launch helpers) and
+``triton_kernels`` (the kernels): the Triton backend, present when triton is.
 """
 
 from .chunked import mean_negative_weight

@@ -30,6 +30,29 @@ def check_number(value, name: str, *, minimum: Optional[float] = None, strict: b
     return float(value)
 
 
+# Default bound on the N x M buffer a backend may keep between forward and backward (kept logits on CPU,
+# gradient tiles in Triton): 256 MiB, i.e. 8192 x 8192 fp32 or 8192 x 16384 bf16.
+DEFAULT_WORKSPACE_BYTES = 256 << 20
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_workspace(workspace_bytes) -> int:
+    """``DEFAULT_WORKSPACE_BYTES`` for None, else ``int(workspace_bytes)`` (>= 0); else ValueError."""
+    if workspace_bytes is None:
+        return DEFAULT_WORKSPACE_BYTES
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) \
+            or workspace_bytes < 0:
+        raise ValueError(f"workspace_bytes must be an integer >= 0 (or None), got {workspace_bytes!r}")
+    return int(workspace_bytes)
+
+
+def check_reduction(reduction) -> str:
+    """``reduction`` when it is one of REDUCTIONS; else ValueError."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+    return reduction
+
+
 class Family(NamedTuple):
     """Validated hyper-parameters of the family (python floats; ``tau_min is None``: one temperature)."""
 
@@ -51,6 +74,11 @@ def check_family(*, temperature, weight_gamma=0.0, tau_min=None, tau_max=None, t
     return Family(temperature, weight_gamma, check_number(tau_min, "tau_min", minimum=0.0, strict=True),
                   check_number(tau_max, "tau_max", minimum=0.0, strict=True),
                   check_number(tau_gamma, "tau_gamma", minimum=0.0, strict=True))
+
+
+def is_plain(family: Family, neg_log_scale_N: Optional[Tensor] = None) -> bool:
+    """Plain InfoNCE: one temperature, every weight 1 (no positive mask needed anywhere)."""
+    return family.tau_min is None and family.weight_gamma == 0 and neg_log_scale_N is None
 
 
 def _check_pair(anchors, candidates, name: str) -> None:
