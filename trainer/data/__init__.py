@@ -6,7 +6,7 @@ Modules, from the bottom up (each imports only the ones above it):
 - `verify`: `data.verify: sha256`, a shard's bytes against its manifest checksum, once per process.
 - `sources`: what `data.train` names (folder, .tar glob, URLs, manifest URL, text corpus), resolved to shards
   with sample counts, the bad-shard policy at build time, and the work-dir lock.
-- `build`: text / .gz / jsonl corpus -> shards (`build_shards`), and `prepare_train_source`, which shards a
+- `build`: text / .gz / jsonl corpus -> shards (`build_shards`); `prepare`: `prepare_train_source`, which shards a
   corpus named by `data.train` before the stream is built.
 - `tokenize`: exact, fast batch encoders (`make_batch_encoder`).
 - `augment`: the fraternal twin (token-level edits) of IFTCL.
@@ -24,10 +24,9 @@ from trainer.data.build import (
     SKIP_REASONS,
     build_shards,
     manifest_matches,
-    prepare_source,
-    prepare_train_source,
     skip_summary,
 )
+from trainer.data.prepare import prepare_source, prepare_train_source
 from trainer.data.mixture import MixedStream, data_metrics, make_train_stream, source_format
 from trainer.data.pair_stream import PairStream
 from trainer.data.pairs import PAD_HASH, PAIRS_FORMAT, PairFields, text_hash

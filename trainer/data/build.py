@@ -24,7 +24,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import logging
 import os
 import zlib
 from collections import deque
@@ -33,10 +32,9 @@ from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional, Sequence
 
-from trainer.config import DataConfig
-from trainer.data.pairs import PAIRS_FORMAT, PairCleaner, PairFields, pair_stats, pair_tar_bytes, sniff_pairs
+from trainer.data.pairs import PAIRS_FORMAT, PairCleaner, PairFields, pair_stats, pair_tar_bytes
 from trainer.data.shard_format import FORMAT_VERSION, MANIFEST, SHARD_NAME, read_manifest, sample_key, tar_bytes
-from trainer.data.sources import expand_inputs, parse_source, work_dir_lock
+from trainer.data.sources import expand_inputs
 from trainer.errors import UserError
 from trainer.progress import bar_switch
 
@@ -52,7 +50,6 @@ __all__ = [
     "prepare_train_source",
 ]
 
-log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 10_000
 DEFAULT_MAX_CHARS = 5_000
@@ -203,28 +200,25 @@ def _input_record(path: Path) -> dict:
     return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 def _write_shard(output_dir: str, shard_index: int, first_index: int, texts: list[str]) -> dict:
     """Serialise one shard to a temp name, fsync, rename into place; return its manifest entry."""
-    name = SHARD_NAME.format(shard_index)
-    data = tar_bytes((sample_key(first_index + i), t) for i, t in enumerate(texts))
-    tmp = os.path.join(output_dir, f".{name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(output_dir, name))
-    return {"name": name, "num_samples": len(texts), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return _seal_shard(output_dir, shard_index, tar_bytes((sample_key(first_index + i), t) for i, t in enumerate(texts)),
+                       len(texts))
 
 
 def _write_pair_shard(output_dir: str, shard_index: int, first_index: int, pairs: list) -> dict:
-    """`_write_shard` for a shard of pairs (same temp name, fsync and rename)."""
+    """`_write_shard` for a shard of pairs."""
+    return _seal_shard(output_dir, shard_index, pair_tar_bytes(first_index, pairs), len(pairs))
+
+
+def _seal_shard(output_dir: str, shard_index: int, data: bytes, num_samples: int) -> dict:
+    """Write a shard's bytes to a temp name, fsync, rename into place; return its manifest entry."""
     name = SHARD_NAME.format(shard_index)
-    data = pair_tar_bytes(first_index, pairs)
     tmp = os.path.join(output_dir, f".{name}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(output_dir, name))
-    return {"name": name, "num_samples": len(pairs), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"name": name, "num_samples": num_samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def manifest_matches(folder: str | Path, inputs: Sequence[str | Path], **options: Any) -> bool:
@@ -437,51 +431,3 @@ def build_shards(
         if old.name not in keep:
             old.unlink(missing_ok=True)
     return manifest
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training sources
-
-
-def prepare_train_source(data_cfg: DataConfig, work_dir: str | Path, *, progress: bool = False) -> str:
-    """The spec the training stream reads for `data_cfg.train`: the spec itself, unless it names a text / .gz /
-    jsonl corpus; then the corpus is sharded into `<work_dir>/shards` and that folder is returned.
-
-    The build is reused while the input files (paths, sizes, mtimes) and `data_cfg.shard_size` are unchanged.
-    Ranks sharing `work_dir` serialise on a lock, so one builds and the others reuse its shards. Call it before
-    building the `TrainStream`, which only reads shards."""
-    return prepare_source(data_cfg.train, Path(work_dir) / "shards", work_dir, shard_size=data_cfg.shard_size,
-                          format=data_cfg.format, progress=progress)
-
-
-def prepare_source(spec: str, out: str | Path, work_dir: str | Path, *, shard_size: int, format: str = "auto",
-                   progress: bool = False) -> str:
-    """`prepare_train_source` for one spec: a corpus is sharded into `out` (reused while unchanged), anything
-    else returned as is. A jsonl corpus is sharded as pairs with `format="pairs"`, or with `format="auto"`
-    when its first line is a pair (`sniff_pairs`); pair fields are the default names."""
-    source = parse_source(spec)
-    if source.kind != "corpus":
-        return spec
-    work_dir, out = Path(work_dir), Path(out)
-    inputs = [Path(p) for p in source.items]
-    options: dict[str, Any] = dict(shard_size=shard_size, field=None, dedup=False, min_chars=1,
-                                   max_chars=DEFAULT_MAX_CHARS)
-    build_options: dict[str, Any] = {}
-    if format == PAIRS_FORMAT or (format == "auto" and sniff_pairs(inputs[0])):
-        fields = PairFields()
-        options.update(format=PAIRS_FORMAT, fields=[fields.anchor, fields.positive, fields.negatives])
-        build_options = dict(format=PAIRS_FORMAT, pair_fields=fields)
-    base = {k: v for k, v in options.items() if k not in ("format", "fields")}
-    with work_dir_lock(work_dir):
-        if manifest_matches(out, inputs, **options):
-            manifest = read_manifest(out)
-            what = f"reusing shards in {out} (inputs unchanged)"
-        else:
-            log.info("sharding %s into %s", ", ".join(map(str, inputs)), out)
-            manifest = build_shards(inputs, out, progress=progress, **base, **build_options)
-            what = f"sharded into {out}"
-    # Skipped lines are counted in the manifest; say so where the user looks, with where the first ones are.
-    level = logging.WARNING if any(manifest["skipped"].values()) else logging.INFO
-    log.log(level, "%s: %d %s from %d lines; skipped: %s", what, manifest["num_samples"],
-            "pairs" if build_options else "sentences", manifest["num_lines"], skip_summary(manifest))
-    return str(out)

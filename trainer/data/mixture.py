@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from trainer.config import DataConfig
-from trainer.data.build import prepare_source
+from trainer.data.prepare import prepare_source
 from trainer.data.pair_stream import PairStream
 from trainer.data.pairs import PAIRS_FORMAT, is_pairs_manifest
 from trainer.data.shard_format import MANIFEST, open_shard, parse_manifest, read_manifest

@@ -4,7 +4,7 @@ Sources (`DataConfig.train`): a shard folder with manifest.json; a glob / brace 
 manifest beside them, else one read each, cached in work_dir/shard_counts.json); webdataset URLs (`pipe:...`,
 http(s), ...; brace-expanded and opened by webdataset's `expand_urls` / `gopen`), or one URL naming a
 manifest.json, whose shard URLs are the same URL with the shard's name. A text / .gz / jsonl corpus is not a
-stream source: `trainer.data.build.prepare_train_source` shards it once into work_dir/shards before the
+stream source: `trainer.data.prepare.prepare_train_source` shards it once into work_dir/shards before the
 stream is built, and the stream reads that folder. Tar parsing is our own streaming reader
 (trainer.data.shard_format): it skips samples without decoding them and reports truncation, which the exact
 split and the bad-shard policy need.

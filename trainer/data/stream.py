@@ -20,7 +20,7 @@ Exact resume needs the same world size, workers, batch size, shuffle buffer and 
 position is carried over approximately (same epoch, same fraction) with a warning.
 
 The stream only reads shards (resolved by trainer.data.sources); a text corpus is sharded beforehand by
-`trainer.data.build.prepare_train_source`. Bad shards (`on_error`): missing, empty or truncated shards are
+`trainer.data.prepare.prepare_train_source`. Bad shards (`on_error`): missing, empty or truncated shards are
 found when the stream is built. A shard that fails only while being read (corrupt header, a URL that errors)
 is reported the same way; under `skip` the worker tops its range up by re-reading other shards of the epoch,
 so every rank still yields its K batches. DataLoader workers hand the main process typed records: a
