@@ -13,7 +13,7 @@ import torch
 from tests.helpers import make_tiny_encoder_dir
 from trainer.config import load_config
 from trainer.data.tokenize import _HFEncoder, _WordPieceEncoder, make_batch_encoder
-from trainer.tokenizer_choice import resolve_fast_tokenizer
+from trainer.tokenizer_choice import decide, resolve_fast_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,10 @@ def test_auto_is_on_only_where_the_plain_tokenizer_bounds_the_step(tiny_tokenize
                                       num_workers=workers, device="cpu")
 
     assert choose(0.0) == "on"  # a step as quick as a GPU's: tokenizing is most of it
-    assert choose(0.5) == "off"  # a CPU-sized step: tokenizing is < 1% of it
+    # the rule itself on fixed timings (a timed CPU-sized step would make the test depend on the machine's load)
+    assert decide(0.004, 0.5, 0)[0] == "off"  # 4 ms of tokenizing in a 1.5 s CPU step: < 1%
+    assert decide(0.004, 0.01, 0)[0] == "on"  # ... in a 30 ms GPU step: 13%
+    assert decide(0.004, 0.01, 4)[0] == "off"  # ... shared by 4 DataLoader workers: 3.3%
     model = _Model(tiny_tokenizer, 0.0)
     assert resolve_fast_tokenizer("off", model, batch_size=8, num_workers=0, device="cpu") == "off"
     assert model.training, "the timing restores train mode"

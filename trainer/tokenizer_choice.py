@@ -41,12 +41,18 @@ def resolve_fast_tokenizer(mode: str, model: Any, *, batch_size: int, num_worker
     with torch.no_grad():
         forward_s = _best(lambda: model(**views), sync=torch.device(device).type == "cuda")
     model.train(was_training)
-    share = tokenize_s / (3 * forward_s * max(1, num_workers))
-    choice = "on" if share > SHARE else "off"
+    choice, share = decide(tokenize_s, forward_s, num_workers)
     log.info("data.fast_tokenizer=auto -> %s: the plain tokenizer would take %.1f%% of a step (%.1f ms a batch, "
              "step ~%.1f ms, %d DataLoader workers)", choice, 100 * share, 1e3 * tokenize_s, 3e3 * forward_s,
              num_workers)
     return choice
+
+
+def decide(tokenize_s: float, forward_s: float, num_workers: int) -> tuple[str, float]:
+    """The rule of `auto`: ("on" | "off", the plain tokenizer's share of a step), a step taken as 3 forwards and
+    the tokenizing shared by the DataLoader workers."""
+    share = tokenize_s / (3 * forward_s * max(1, num_workers))
+    return ("on" if share > SHARE else "off"), share
 
 
 def _best(fn: Callable[[], Any], *, sync: bool = False, repeat: int = 2) -> float:
