@@ -29,8 +29,8 @@ def overrides_of(exp, run, args):
 def test_plan_pairs_every_method_with_infonce_on_the_same_seeds_data_and_start(exp, tmp_path):
     from trainer.config import load_config
 
-    args = exp.parse_args(["--output", str(tmp_path), "--seeds", "4", "5", "--steps", "30", "--settings", "reinit3",
-                           "shipped", "--", "optim.lr=2e-5"])
+    args = exp.parse_args(["--output", str(tmp_path), "--seeds", "4", "5", "--steps", "30", "--settings", "cls",
+                           "reinit3", "shipped", "--", "optim.lr=2e-5"])
     runs = exp.plan(args, exp.SETTINGS)
     assert {(r["setting"], r["method"]) for r in runs} >= {("reinit3", m) for m in exp.METHODS}
     for setting in exp.SETTINGS:
@@ -46,10 +46,12 @@ def test_plan_pairs_every_method_with_infonce_on_the_same_seeds_data_and_start(e
             shared = common
         assert shared["data.train"] == "/shards" and shared["optim.max_steps"] == "30" and shared["optim.lr"] == "2e-5"
         assert shared["model.reinit_layers"] == str(exp.SETTINGS[setting][0])
+        assert shared["model.pooler"] == exp.SETTINGS[setting][1]
     args = exp.parse_args(["--output", str(tmp_path), "--methods", *exp.ALL_METHODS, "--settings", *exp.SETTINGS])
     for run in exp.plan(args, exp.SETTINGS):  # every method's overrides form a valid config
         cfg = load_config(None, exp.run_overrides(run, args, tmp_path, None))
         assert cfg.seed == run["seed"] and cfg.model.reinit_layers == run["reinit"]
+        assert cfg.model.pooler == run["pooler"]
 
 
 def test_dry_run_prints_commands_and_an_estimate(exp, tmp_path, capsys):
