@@ -37,6 +37,25 @@ def test_hardest_negative_is_the_row_max_over_non_positive_columns(block):
     assert torch.equal(index, want.indices) and index[0] == 3
 
 
+@pytest.mark.parametrize("block", [None, 2])
+def test_hardest_negative_leaves_out_the_loss_exclude_columns(block):
+    """Pair data: a column holding a duplicate of the row's own text is no negative for the loss, so neither
+    for the metric (the near-duplicate column 3 would otherwise be row 0's hardest negative)."""
+    A, C = unit(6, 8, seed=1), unit(11, 8, seed=2)
+    pos = torch.tensor([6, 7, 8, 9, 10, 0])
+    C[3] = A[0] * 0.999 + 0.001 * C[3]
+    row_keys, col_keys = torch.arange(100, 106), torch.arange(200, 211)
+    col_keys[3] = 100  # column 3 is row 0's own text again
+    sim, index = hardest_negatives(A, C, pos, block_size=block, exclude=(row_keys, col_keys))
+    S = A.double() @ C.double().T
+    S[torch.arange(6), pos] = float("-inf")
+    S[0, 3] = float("-inf")
+    torch.testing.assert_close(sim, S.max(1).values, **EXACT)
+    assert index[0] != 3
+    logs = hardest_negative_logs(A, C, pos, exclude=(row_keys, col_keys))
+    torch.testing.assert_close(logs["hardest_neg_sim"], S.max(1).values.mean(), **EXACT)
+
+
 def test_negative_softmax_mass_is_one_minus_the_positive_probability():
     A, C, pos = unit(5, 8, seed=3), unit(9, 8, seed=4), torch.tensor([0, 2, 4, 6, 8])
     P = torch.softmax(A @ C.T / 0.05, dim=1)
@@ -124,3 +143,19 @@ def test_objective_hardest_weight_reads_the_frozen_similarity():
     _, index = hardest_negatives(A, C, torch.arange(4) + 4)
     t = (frozen.anchors * frozen.candidates[index]).sum(1)
     assert out["hardest_neg_weight"].item() == pytest.approx(((1 - t) / 2).mean().item(), rel=1e-5)
+
+
+def test_objective_hardest_negative_takes_the_loss_exclude_keys():
+    """Pair data: the objective hands its exclude keys (queue keys appended) to the metric."""
+    objective = build_objective(LossConfig(name="infonce"))
+    objective.log_mechanisms = True
+    A, C = unit(4, 8, seed=30), unit(8, 8, seed=31)
+    C[5] = A[0] * 0.999 + 0.001 * C[5]  # row 0's own text again, in column 5
+    row_keys, col_keys = torch.arange(4), torch.arange(10, 18)
+    col_keys[5] = 0
+    pos = torch.arange(4)
+    out = objective(A, C, positive_index=pos, exclude=(row_keys, col_keys))
+    want, _ = hardest_negatives(A, C, pos, exclude=(row_keys, col_keys))
+    torch.testing.assert_close(out["hardest_neg_sim"], want.mean(), **EXACT)
+    unmasked, _ = hardest_negatives(A, C, pos)
+    assert out["hardest_neg_sim"] < unmasked.mean()

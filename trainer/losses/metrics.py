@@ -10,7 +10,8 @@ reads it with ``float()`` only on log steps. Per row i, with ``p(i)`` its positi
   per-row loss ``l_i`` the step already has. The positive's gradient is ``-(1 - P_ip)/tau``: the mass is the
   fraction of the full pull the positive still gets (0: the row is solved and contributes no gradient).
   IFTCL: the identical-twin term's, comparable with InfoNCE's.
-- ``hardest_neg_sim``: ``max_{j != p(i)} s_ij`` over every negative column (queue included). The only metric
+- ``hardest_neg_sim``: ``max_{j != p(i)} s_ij`` over every negative column (queue included; pair data's
+  duplicate columns, the loss's ``exclude`` keys, left out as the loss leaves them out). The only metric
   that needs the N x M similarities: a chunked max under no_grad on the detached embeddings (memory
   O(N x B)), computed only when the objective is told the step is logged (``log_mechanisms``).
 - SoftCSE: ``hardest_neg_weight`` (weight mode) or ``hardest_neg_tau`` (temperature mode), the family's value at
@@ -30,7 +31,8 @@ import torch
 from torch import Tensor
 
 from trainer.kernels.chunked import default_block_size
-from trainer.kernels.family import check_family, negative_inv_tau, negative_log_weight, positive_mask
+from trainer.kernels.family import (check_exclude, check_family, excluded_mask, negative_inv_tau, negative_log_weight,
+                                    positive_mask)
 
 
 def negative_softmax_mass(loss_N: Tensor) -> Tensor:
@@ -40,16 +42,22 @@ def negative_softmax_mass(loss_N: Tensor) -> Tensor:
 
 @torch.no_grad()
 def hardest_negatives(anchors: Tensor, columns: Tensor, positive_index: Tensor,
-                      block_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """(max similarity over each row's negative columns (N,), its column (N,)); -inf where a row has none."""
+                      block_size: Optional[int] = None,
+                      exclude: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """(max similarity over each row's negative columns (N,), its column (N,)); -inf where a row has none.
+    ``exclude=(row_keys, col_keys)``: the loss's duplicate keys; those columns are no negatives."""
     dtype = torch.promote_types(anchors.dtype, torch.float32)
     a_ND = anchors.detach().to(dtype)
+    keys = check_exclude(exclude, a_ND.shape[0], columns.shape[0], a_ND.device)
     block = block_size or default_block_size(a_ND.shape[0], columns.shape[0])
     best_N = torch.full((a_ND.shape[0],), float("-inf"), dtype=dtype, device=a_ND.device)
     index_N = torch.zeros(a_ND.shape[0], dtype=torch.long, device=a_ND.device)
     for start in range(0, columns.shape[0], block):
         sim_NB = a_ND @ columns[start:start + block].detach().to(dtype).T
-        sim_NB.masked_fill_(positive_mask(positive_index, start, sim_NB.shape[1]), float("-inf"))
+        drop_NB = positive_mask(positive_index, start, sim_NB.shape[1])
+        if keys is not None:
+            drop_NB |= excluded_mask(keys, start, sim_NB.shape[1])
+        sim_NB.masked_fill_(drop_NB, float("-inf"))
         value_N, arg_N = sim_NB.max(dim=1)
         better_N = value_N > best_N
         best_N = torch.where(better_N, value_N, best_N)
@@ -72,10 +80,11 @@ def family_value(sim_N: Tensor, family: dict, temperature: float) -> tuple[str, 
 
 def hardest_negative_logs(anchors: Tensor, columns: Tensor, positive_index: Tensor, *,
                           softcse_family: Optional[dict] = None, temperature: float = 0.05,
-                          guide: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:
+                          guide: Optional[tuple[Tensor, Tensor]] = None,
+                          exclude: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Tensor]:
     """``hardest_neg_sim`` and, given the SoftCSE family keywords, its weight or temperature (from the
     ``guide`` similarity of the same pair when the weights come from a frozen encoder)."""
-    sim_N, index_N = hardest_negatives(anchors, columns, positive_index)
+    sim_N, index_N = hardest_negatives(anchors, columns, positive_index, exclude=exclude)
     valid_N = torch.isfinite(sim_N)
     count = valid_N.sum().clamp_min(1)
     logs = {"hardest_neg_sim": torch.where(valid_N, sim_N, 0.0).sum() / count}

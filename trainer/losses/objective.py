@@ -115,11 +115,12 @@ class ContrastiveObjective:
         if self.queue.enabled:
             logs["queue_len"] = anchors.new_tensor(float(len(self.queue)))
         if self.log_mechanisms:
-            logs.update(self._mechanism_logs(anchors, append_queue(candidates, queue), positive_index, guide))
+            logs.update(self._mechanism_logs(anchors, append_queue(candidates, queue), positive_index, guide,
+                                             exclude))
         return {"loss": out["loss"], **logs}
 
     def _mechanism_logs(self, anchors: Tensor, columns: Tensor, positive_index: Optional[Tensor],
-                        guide) -> dict[str, Tensor]:
+                        guide, exclude: Optional[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
         """The metrics that need another pass over the similarities: computed for logged steps only."""
         if positive_index is None:
             positive_index = torch.arange(anchors.shape[0], device=anchors.device)
@@ -129,7 +130,7 @@ class ContrastiveObjective:
             softcse = softcse_family_kwargs(temperature=self.temperature,
                                             **{k: v for k, v in {**self.softcse, **self.iftcl}.items() if k in keys})
         logs = hardest_negative_logs(anchors, columns, positive_index.to(anchors.device), softcse_family=softcse,
-                                     temperature=self.temperature, guide=guide)
+                                     temperature=self.temperature, guide=guide, exclude=exclude)
         if self.queue.enabled:
             logs["queue_fill"] = anchors.new_tensor(len(self.queue) / self.queue.size)
         return logs
