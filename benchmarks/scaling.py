@@ -69,21 +69,12 @@ def _sync(device: torch.device) -> None:
 
 
 def _accelerator(mixed_precision: str):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    """The trainer's own Accelerator (trainer/runtime.py: gloo on CPU, cpu=True under torchrun but never with
+    DeepSpeed, world size checked against the launcher's)."""
+    from trainer import runtime
+    from trainer.config import load_config
 
-    # The trainer's topology rules (trainer/runtime.py): cpu=True under torchrun on CPU (plain Accelerator() sees
-    # world size 1 there), but never with DeepSpeed
-    # (Accelerate silently drops DeepSpeed when cpu=True); gloo on CPU.
-    dist.skip_deepspeed_cpu_jit_ops()
-    on_cpu = not torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and world > 1 else []
-    acc = Accelerator(cpu=on_cpu and not dist.deepspeed_requested(), mixed_precision=mixed_precision,
-                      kwargs_handlers=kwargs)
-    if acc.num_processes != world:
-        raise RuntimeError(f"Accelerate started {acc.num_processes} process(es), the launcher {world}")
-    return acc
+    return runtime.make_accelerator(load_config(None, [f"mixed_precision={mixed_precision}"]))
 
 
 def run_one(args: argparse.Namespace) -> dict:
