@@ -55,7 +55,8 @@ def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
 def fmt(mean: Optional[float], std: Optional[float] = None, spec: str = ".2f") -> str:
     if mean is None:
         return "n/a"
-    return format(mean, spec) + ("" if std is None else f" +- {format(std, spec)}")
+    # a signed spec ("+.2f") is for the mean only: a spread has no sign
+    return format(mean, spec) + ("" if std is None else f" +- {format(std, spec.lstrip('+'))}")
 
 
 def summarize(records: list[dict]) -> dict:
