@@ -80,7 +80,7 @@ def test_paired_differences_against_infonce(exp):
     assert diff["mean_std"][0] == pytest.approx(0.25) and diff["mean_std"][1] == pytest.approx(1.0607, abs=1e-4)
     assert summary["iftcl"]["missing_seeds"] == [3] and summary["infonce"]["stsb_dev"][0] == pytest.approx(71.0)
     text = tables({"s": summary}, {}, {"steps": 5})
-    assert "+0.25 +- +1.06 (1/2 seeds higher)" in text and "(missing [3])" in text
+    assert "+0.25 +- 1.06 (1/2 seeds higher)" in text and "(missing [3])" in text
 
 
 def test_interrupted_runs_resume_and_finished_ones_are_skipped(exp, tmp_path, monkeypatch):
