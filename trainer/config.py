@@ -41,8 +41,9 @@ class ModelConfig:
     backward instead of keeping their activations; combines with `optim.mini_batch_size`."""
     compile: bool = False
     """`torch.compile` the backbone for training (in place, `nn.Module.compile`: checkpoints and exports keep
-    their keys). Pays a one-time compile (1-4 min on 2 CPU cores) for faster steps on long runs
-    (benchmarks/e2e_vs_st.py); evaluation and the frozen encoder run eagerly. Not with DeepSpeed."""
+    their keys). A one-time compile (1-4 min on 2 CPU cores, cached by inductor); meant for GPUs, where it is
+    still to confirm: on the 2-core CPU it was no faster (README, benchmarks/e2e_vs_st.py --compile).
+    Evaluation and the frozen encoder run eagerly. Not with DeepSpeed."""
 
     def __post_init__(self) -> None:
         if self.reinit_layers < 0:
