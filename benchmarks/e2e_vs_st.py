@@ -14,8 +14,7 @@ processes with the same thread count; the ratio is the median of per-round ratio
 processes hits both alike only within a round). Sentences per step: 64 (each one's two views count once).
 
 ``--compile`` adds a third run per round, ours with ``model.compile=true``: its first log window holds the
-one-time compile and is left out like every run's first window (the compile's own cost is printed apart;
-it pays back after roughly compile seconds / seconds saved per step).
+one-time compile and is left out like every run's first window, so the ratio is the steady state only.
 """
 
 from __future__ import annotations
@@ -39,7 +38,8 @@ def ours(steps: int, batch_size: int, log_every: int, corpus: str, extra: tuple 
         cmd = [sys.executable, "-m", "trainer", "train", "--config", "launch_configs/runs/demo_cpu.yaml",
                f"output_dir={out}", f"optim.max_steps={steps}", f"optim.warmup_steps={min(10, steps)}",
                f"log_every={log_every}",
-               f"data.batch_size={batch_size}", f"data.train={corpus}", "eval.sts_dir=", "tracking.enabled=false", *extra]
+               f"data.batch_size={batch_size}", f"data.train={corpus}", "eval.sts_dir=", "tracking.enabled=false",
+               *extra]
         env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if done.returncode != 0:

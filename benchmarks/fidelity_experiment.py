@@ -6,11 +6,11 @@
 
 Protocol (docs/fidelity.md). Every method trains from the same starting point of its setting (``cls``, the
 default: all-MiniLM-L6-v2 pooled by its CLS token, a start with headroom; ``reinit3``: its top 3 layers
-re-initialised, ``model.reinit_layers=3``; ``shipped``: the model as shipped; see SETTINGS) with each seed, and for one seed every method sees the same data in the
-same order and the same re-initialised weights (the corpus is sharded once; the seed fixes init, data order
-and dropout). Selection is SimCSE's: STS-B dev every ``--eval-every`` steps, the best checkpoint kept; the
-selected model is then scored on STS-B dev and on STS-B train and SICK train+trial, which no run trains or
-selects on (held out). Reported per method: mean +- std over seeds, and the paired per-seed differences
+re-initialised, ``model.reinit_layers=3``; ``shipped``: the model as shipped; see SETTINGS) with each seed,
+and for one seed every method sees the same data in the same order and the same re-initialised weights
+(the corpus is sharded once; the seed fixes init, data order and dropout). Selection is SimCSE's: STS-B dev
+every ``--eval-every`` steps, the best checkpoint kept; the selected model is then scored on STS-B dev and on
+STS-B train and SICK train+trial, which no run trains or selects on (held out). Reported per method: mean +- std over seeds, and the paired per-seed differences
 against InfoNCE (same seed = same data, init and dropout draws), with how many seeds favour the method.
 
 Resumable: a run whose ``heldout.json`` exists is skipped, an interrupted one is resumed from its last
@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default=str(ROOT / "runs" / "fidelity"))
     p.add_argument("--settings", nargs="+", default=["cls"], choices=list(SETTINGS),
-                   help="cls (default, ~1.5 h on 2 quiet CPU cores), reinit3 and/or shipped (see SETTINGS)")
+                   help="cls (default, ~1.6 h on 2 quiet CPU cores), reinit3 and/or shipped (see SETTINGS)")
     p.add_argument("--methods", nargs="+", choices=list(ALL_METHODS),
                    help="methods for every setting (default: each setting's list; InfoNCE is always added)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -126,8 +126,8 @@ def plan(args: argparse.Namespace, settings: dict) -> list[dict]:
         for method in chosen:
             for seed in args.seeds:
                 out_dir = Path(args.output) / setting / method / f"seed{seed}"
-                runs.append({"setting": setting, "method": method, "seed": seed, "reinit": reinit, "pooler": pooler, "lr": lr,
-                             "label": ALL_METHODS[method][0], "dir": out_dir})
+                runs.append({"setting": setting, "method": method, "seed": seed, "reinit": reinit, "pooler": pooler,
+                             "lr": lr, "label": ALL_METHODS[method][0], "dir": out_dir})
     return runs
 
 
@@ -137,8 +137,9 @@ def run_overrides(run: dict, args: argparse.Namespace, shards: Path, uri: str | 
                 f"tracking.run_name={run['setting']}-{run['method']}-seed{run['seed']}"] if uri else \
         ["tracking.enabled=false"]
     return [
-        f"output_dir={run['dir']}", f"seed={run['seed']}", f"model.name_or_path={args.model}", f"model.pooler={run['pooler']}",
-        "model.max_length=32", f"model.reinit_layers={run['reinit']}", f"data.train={shards}",
+        f"output_dir={run['dir']}", f"seed={run['seed']}", f"model.name_or_path={args.model}",
+        f"model.pooler={run['pooler']}", "model.max_length=32", f"model.reinit_layers={run['reinit']}",
+        f"data.train={shards}",
         f"data.batch_size={args.batch_size}", "data.shuffle_buffer=1000", "loss.temperature=0.05",
         f"optim.lr={run['lr']}", f"optim.max_steps={args.steps}", f"optim.warmup_steps={args.steps // 10}",
         f"eval.sts_dir={args.sts_dir}", f"eval.every_steps={args.eval_every}", "eval.final_tasks=[stsb_dev]",

@@ -59,13 +59,12 @@ def test_compiled_backbone_trains_to_the_eager_numbers_and_evaluates_eagerly(tmp
 
 def test_compiled_run_trains_resumes_and_exports(tmp_path):
     from trainer.engine import train
-    from trainer.model import SentenceEncoder
 
     write_corpus(tmp_path / "corpus.txt", num_lines=64)
     overrides = [f"output_dir={tmp_path / 'run'}", f"model.name_or_path={make_tiny_encoder_dir(tmp_path)}",
-                 "model.pooler=mean", "model.max_length=16", "model.compile=true", f"data.train={tmp_path / 'corpus.txt'}",
-                 "data.batch_size=4", "data.shuffle_buffer=0", "optim.lr=1e-3", "eval.sts_dir=",
-                 "tracking.enabled=false", "log_every=1", "checkpoint_every=2"]
+                 "model.pooler=mean", "model.max_length=16", "model.compile=true",
+                 f"data.train={tmp_path / 'corpus.txt'}", "data.batch_size=4", "data.shuffle_buffer=0",
+                 "optim.lr=1e-3", "eval.sts_dir=", "tracking.enabled=false", "log_every=1", "checkpoint_every=2"]
     first = train(load_config(None, overrides + ["optim.max_steps=2"]), progress=False)
     result = train(load_config(None, overrides + ["optim.max_steps=3"]), resume=True, progress=False)
     assert result.step == 3 and first.step == 2
