@@ -10,8 +10,9 @@ re-initialised, ``model.reinit_layers=3``; ``shipped``: the model as shipped; se
 and for one seed every method sees the same data in the same order and the same re-initialised weights
 (the corpus is sharded once; the seed fixes init, data order and dropout). Selection is SimCSE's: STS-B dev
 every ``--eval-every`` steps, the best checkpoint kept; the selected model is then scored on STS-B dev and on
-STS-B train and SICK train+trial, which no run trains or selects on (held out). Reported per method: mean +- std over seeds, and the paired per-seed differences
-against InfoNCE (same seed = same data, init and dropout draws), with how many seeds favour the method.
+STS-B train and SICK train+trial, which no run trains or selects on (held out). Reported per method: mean +-
+std over seeds, and the paired per-seed differences against InfoNCE (same seed = same data, init and dropout
+draws), with how many seeds favour the method.
 
 Resumable: a run whose ``heldout.json`` exists is skipped, an interrupted one is resumed from its last
 checkpoint (``--resume``), and ``--report-only`` rebuilds the tables and plots from what is on disk. Each
