@@ -44,6 +44,11 @@ class ModelConfig:
     their keys). A one-time compile (1-4 min on 2 CPU cores, cached by inductor); meant for GPUs, where it is
     still to confirm: on the 2-core CPU it was no faster (README, benchmarks/e2e_vs_st.py --compile).
     Evaluation and the frozen encoder run eagerly. Not with DeepSpeed."""
+    cpu_dropout: Literal["packed", "torch"] = "packed"
+    """How training-mode dropout masks are drawn on CPU. `packed`: four 16-bit uniforms per 64-bit random draw
+    (`trainer/cpu_dropout.py`; p rounded to a multiple of 2^-16, expectation exact), and attention in training
+    computed eagerly with that dropout (evaluation keeps SDPA); measured 1.2x a bf16 step of all-MiniLM-L6-v2 on
+    2 cores. `torch`: torch's own dropout, masks identical to earlier versions. GPUs always use torch's."""
 
     def __post_init__(self) -> None:
         if self.reinit_layers < 0:

@@ -192,13 +192,17 @@ class SentenceEncoder(nn.Module):
 
 def build_encoder(model_cfg) -> SentenceEncoder:
     """Encoder from a `ModelConfig` (name, pooler, max_length, dropout override, top layers re-initialised,
-    gradient checkpointing)."""
+    CPU dropout, gradient checkpointing)."""
     from trainer.reinit import reinit_top_layers
 
     model = SentenceEncoder.load(
         model_cfg.name_or_path, pooler=model_cfg.pooler, max_length=model_cfg.max_length, dropout=model_cfg.dropout
     )
     reinit_top_layers(model.backbone, model_cfg.reinit_layers)
+    if model_cfg.cpu_dropout == "packed":
+        from trainer import cpu_dropout
+
+        cpu_dropout.install(model.backbone)
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
