@@ -72,16 +72,18 @@ def _attention_inputs(seed=0):
     return q, k, v, mask
 
 
-def test_attention_formula_equals_sdpa_when_nothing_drops():
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_attention_formula_equals_sdpa_when_nothing_drops(dtype, tol):
     """With p below 2^-17 no element drops, so the eager branch must reproduce SDPA (scale, padding mask)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    q, k, v, mask = _attention_inputs()
+    q, k, v, mask = (t.to(dtype) if t.is_floating_point() else t for t in _attention_inputs())
     module = nn.Module().train()
     module.is_causal = False
     ours, _ = cpu_dropout._attention(module, q, k, v, mask, scaling=0.3, dropout=1e-7)
     ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3, dropout=0.0)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
 
 
 def test_attention_drops_probabilities_with_the_packed_mask():
@@ -142,3 +144,14 @@ def test_gradient_checkpointing_replays_packed_masks(tmp_path):
 def test_unknown_choice_is_a_config_error():
     with pytest.raises(ConfigError, match="cpu_dropout"):
         from_dict({"model": {"cpu_dropout": "fast"}})
+
+
+def test_off_cpu_tensors_take_torch_dropout(monkeypatch):
+    """GPUs keep torch's fused dropout: a non-CPU tensor (here `meta`, which needs no device) never reaches the
+    packed sampler."""
+    def refuse(*_):
+        raise AssertionError("packed_dropout called for a non-CPU tensor")
+
+    monkeypatch.setattr(cpu_dropout, "packed_dropout", refuse)
+    out = cpu_dropout.PackedDropout(0.1).train()(torch.empty(4, 8, device="meta"))
+    assert out.device.type == "meta"
