@@ -47,9 +47,9 @@ class ModelConfig:
     cpu_dropout: Literal["packed", "torch"] = "packed"
     """How training-mode dropout masks are drawn on CPU. `packed`: four 16-bit uniforms per 64-bit random draw
     (`trainer/cpu_dropout.py`; p rounded to a multiple of 2^-16, expectation exact), and attention in training
-    computed eagerly with that dropout (evaluation keeps SDPA); a training step of all-MiniLM-L6-v2 on 2 cores
-    ran 1.23x (bf16) and 1.12x (fp32) faster than with `torch`: torch's own dropout, masks identical to earlier
-    versions. GPUs always use torch's."""
+    computed eagerly with that dropout (evaluation keeps SDPA); all-MiniLM-L6-v2 trains 1.2-1.4x faster in bf16
+    and 1.02-1.12x in fp32 on 2 cores (README, benchmarks/cpu_dropout.py). `torch`: torch's own dropout, masks
+    identical to earlier versions. GPUs always use torch's."""
 
     def __post_init__(self) -> None:
         if self.reinit_layers < 0:

@@ -56,7 +56,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     True = attend, or None when nothing is padded)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not module.training or dropout == 0.0 or query.device.type != "cpu":
+    # Causal (decoder) attention is not what this encoder trainer trains: leave it to SDPA too.
+    if not module.training or dropout == 0.0 or query.device.type != "cpu" or getattr(module, "is_causal", False):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
