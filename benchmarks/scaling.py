@@ -79,9 +79,10 @@ def _accelerator(mixed_precision: str):
 
 def run_one(args: argparse.Namespace) -> dict:
     """Benchmark at the launcher's world size; returns (and on rank 0 writes) the result dict."""
-    from trainer.config import LossConfig, ModelConfig
+    from trainer.config import LossConfig, ModelConfig, OptimConfig
     from trainer.losses import build_objective
     from trainer.model import build_encoder
+    from trainer.runtime import build_optimizer
 
     acc = _accelerator(args.mixed_precision)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
@@ -91,7 +92,7 @@ def run_one(args: argparse.Namespace) -> dict:
     if isinstance(pooler_head, torch.nn.Module):  # unused by our poolers; DDP refuses params without grads
         pooler_head.requires_grad_(False)
     objective = build_objective(LossConfig(name=args.loss, queue_size=0))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-5))  # the trainer's (fused AdamW, decay groups)
     dist.configure_deepspeed(acc, micro_batch_size=args.batch_size, max_grad_norm=1.0)
     model, optimizer = acc.prepare(model, optimizer)
     tokenizer = acc.unwrap_model(model).tokenizer

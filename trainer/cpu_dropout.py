@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 ATTENTION_NAME = "cpu_packed_dropout"
-_LEVELS = 1 << 16  # uniforms per 16-bit lane
+_LEVELS = 1 << 16  # values a 16-bit lane takes
 
 
 def packed_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
