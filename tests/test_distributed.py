@@ -11,12 +11,14 @@ uneven batches raise on every rank, `all_reduce_mean`, `broadcast_object`, `gath
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import save_rank_result, spawn_and_collect
 from trainer import distributed as dist
 from trainer.config import LossConfig
 from trainer.losses import build_objective
@@ -144,7 +146,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     except Exception:  # report in the parent, which shows the traceback
         result["error"] = traceback.format_exc()
     finally:
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        save_rank_result(result, out_dir, rank)
         torch.distributed.destroy_process_group()
 
 
@@ -152,12 +154,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def spawned(request, tmp_path_factory):
     world = request.param
     tmp = tmp_path_factory.mktemp(f"dist{world}")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.multiprocessing.spawn(_worker, args=(world, str(tmp / "rendezvous"), str(tmp)), nprocs=world)
-    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-    return world, results
+    return world, spawn_and_collect(_worker, (world, str(tmp / "rendezvous"), str(tmp)), world, tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,3 +242,26 @@ def test_single_process_helpers_without_a_process_group():
     assert torch.equal(dist.local_positive_index(3), torch.arange(3))
     assert torch.equal(dist.all_reduce_mean(torch.tensor([2.0])), torch.tensor([2.0]))
     assert dist.broadcast_object({"a": 1}) == {"a": 1}
+
+
+def _aborting_worker(rank: int, out_dir: str, save_first: bool) -> None:
+    if save_first or rank == 0:
+        save_rank_result({"rank": rank}, out_dir, rank)
+    if rank == 1:
+        # spawn SIGTERMs the other ranks when one dies: let rank 0 save first, as the real ranks had
+        deadline = time.monotonic() + 60
+        while not (Path(out_dir) / "rank0.pt").is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.abort()  # SIGABRT, as gloo's teardown once did
+
+
+def test_spawn_tolerates_an_abort_only_after_every_rank_saved(tmp_path):
+    """`spawn_and_collect` (the spawned fixtures' runner) accepts a rank's SIGABRT once every result is saved, and
+    still fails when a rank died before saving."""
+    done = tmp_path / "done"
+    done.mkdir()
+    assert [r["rank"] for r in spawn_and_collect(_aborting_worker, (str(done), True), 2, done)] == [0, 1]
+    early = tmp_path / "early"
+    early.mkdir()
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+        spawn_and_collect(_aborting_worker, (str(early), False), 2, early)

@@ -5,13 +5,12 @@ a queue filled by the first step with keys (identical on both ranks). Pattern of
 
 from __future__ import annotations
 
-import os
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import save_rank_result, spawn_and_collect
 from tests.test_pairs_loss import TokenEncoder, pair_batch
 from trainer.config import LossConfig
 from trainer.losses import build_objective
@@ -77,19 +76,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     except Exception:
         result["error"] = traceback.format_exc()
     finally:
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        save_rank_result(result, out_dir, rank)
         torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pairs_dist")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.multiprocessing.spawn(_worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD)
-    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-    return results
+    return spawn_and_collect(_worker, (str(tmp / "rendezvous"), str(tmp)), WORLD, tmp)
 
 
 @pytest.mark.parametrize("case", list(CASES))

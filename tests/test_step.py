@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import make_tiny_encoder_dir, write_corpus
+from tests.helpers import make_tiny_encoder_dir, save_rank_result, spawn_and_collect, write_corpus
 from tests.test_distributed import B_LOCAL, CASES, TokenEncoder, _data, _objective
 from trainer.config import ConfigError, ModelConfig, load_config
 from trainer.model import SentenceEncoder, build_encoder
@@ -216,7 +216,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, out_dir: str) -> None:
     except Exception:  # report in the parent, which shows the traceback
         result["error"] = traceback.format_exc()
     finally:
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        save_rank_result(result, out_dir, rank)
 
 
 @pytest.fixture(scope="module")
@@ -224,12 +224,7 @@ def spawned(tmp_path_factory):
     world, tmp = 2, tmp_path_factory.mktemp("step2")
     write_corpus(tmp / "corpus.txt", num_lines=40)
     make_tiny_encoder_dir(tmp)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), str(tmp), str(tmp)), nprocs=world)
-    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-    return world, results
+    return world, spawn_and_collect(_worker, (world, _free_port(), str(tmp), str(tmp)), world, tmp)
 
 
 def _reference(case: str, world: int) -> tuple[dict, list[float]]:
