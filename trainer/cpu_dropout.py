@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION_NAME = "cpu_packed_dropout"
 _LEVELS = 1 << 16  # values a 16-bit lane takes
@@ -54,8 +55,6 @@ class PackedDropout(nn.Dropout):
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function signature; q, k, v are (B, heads, L, d), the mask is SDPA's (bool,
     True = attend, or None when nothing is padded)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     # Causal (decoder) attention is not what this encoder trainer trains: leave it to SDPA too.
     if not module.training or dropout == 0.0 or query.device.type != "cpu" or getattr(module, "is_causal", False):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
@@ -76,10 +75,10 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def install(backbone: nn.Module) -> bool:
+def install(backbone: nn.Module) -> None:
     """Swap every `nn.Dropout` of `backbone` for `PackedDropout` and, where the backbone dispatches attention
-    through transformers' interface and uses SDPA, the attention for `_attention`. Returns whether the attention
-    was swapped (False: e.g. MPNet, or a backbone loaded with eager or flash attention, which keep theirs)."""
+    through transformers' interface and uses SDPA, the attention for `_attention` (others keep theirs: e.g.
+    MPNet, or a backbone loaded with eager or flash attention)."""
     for parent in backbone.modules():
         for name, child in parent.named_children():
             if type(child) is nn.Dropout:
@@ -87,7 +86,6 @@ def install(backbone: nn.Module) -> bool:
     config = getattr(backbone, "config", None)
     if not getattr(backbone, "_supports_attention_backend", False) or getattr(config, "_attn_implementation",
                                                                                None) != "sdpa":
-        return False
+        return
     _register()
     backbone.set_attn_implementation(ATTENTION_NAME)
-    return True
