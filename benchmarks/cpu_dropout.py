@@ -25,22 +25,19 @@ import torch
 import torch.nn.functional as F
 
 
-def _median_ms(fn, reps: int) -> float:
+def _ms(fn) -> float:
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def _pair(torch_fn, packed_fn, reps: int) -> dict:
-    """Interleaved: each repetition times both sides once."""
+    """One warm-up call each, then interleaved: each repetition times both sides once."""
+    torch_fn(), packed_fn()
     a, b = [], []
     for _ in range(reps):
-        a.append(_median_ms(torch_fn, 1))
-        b.append(_median_ms(packed_fn, 1))
+        a.append(_ms(torch_fn))
+        b.append(_ms(packed_fn))
     t, p = statistics.median(a), statistics.median(b)
     return {"torch_ms": round(t, 2), "packed_ms": round(p, 2), "speedup": round(t / p, 3)}
 
